@@ -14,9 +14,9 @@ Packing wastes no compute on padding and makes the stream identical on every run
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import datasets
 import torch
