@@ -1,0 +1,76 @@
+"""The `selprune` command.
+
+    selprune run [-f params.yaml] [-p NAME VALUE]... [--out DIR]
+
+runs the notebook series with papermill into a run directory and prints the results
+table.
+Errors a user can fix print as one line, without a traceback, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from selprune.errors import SelpruneError
+from selprune.series import PARAMS, Series
+
+
+def _parser() -> argparse.ArgumentParser:
+    params = "\n".join(f"  {k:<15} {h} (default: {d})" for k, (d, h) in PARAMS.items())
+    ap = argparse.ArgumentParser(prog="selprune", description="Machine unlearning by selective pruning.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser(
+        "run",
+        help="run the notebook series (01-06) on the embedded default, or other parameters",
+        description="Run the notebook series with papermill into a run directory: executed notebooks, "
+        "results.json, figures/*.png and the pruned model.",
+        epilog="parameters:\n" + params,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    r.add_argument("-f", "--file", type=Path, help="YAML file of parameters")
+    r.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="set one parameter (repeatable); overrides the file")
+    r.add_argument("--out", help="run directory (same as -p run_dir DIR)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap
+
+
+def _params(args: argparse.Namespace) -> dict:
+    params: dict = {}
+    if args.file:
+        try:
+            loaded = yaml.safe_load(args.file.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise SelpruneError(f"cannot read parameter file {args.file}: {e}") from e
+        if not isinstance(loaded, dict):
+            raise SelpruneError(f"{args.file} must hold a mapping of parameter names to values")
+        params.update(loaded)
+    for name, value in args.param:
+        params[name] = yaml.safe_load(value)  # "0.01" -> float, "abs" -> str
+    if args.out:
+        params["run_dir"] = args.out
+    return params
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from selprune.notebooks import run_series
+
+    try:
+        run_dir = run_series(_params(args), progress=not args.quiet)
+        table = Series(progress=False, **{**_params(args), "run_dir": str(run_dir)}).results_table()
+    except SelpruneError as e:
+        print(f"selprune: error: {e}", file=sys.stderr)
+        return 2
+    cols = ["run", "dataset", "pruned", "base top1", "top1", "top10", "loss", "top1 drop %"]
+    print(table[cols].round(3).to_string(index=False))
+    print(f"\nresults: {run_dir / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

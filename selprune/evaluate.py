@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 METRICS = ("top1", "top10", "top1_skip", "top10_skip", "loss", "perplexity")
 
 
-@torch.inference_mode()
 def evaluate(
     model: nn.Module,
     windows: torch.Tensor,
@@ -26,7 +25,20 @@ def evaluate(
     progress: bool = True,
     desc: str = "evaluate",
 ) -> dict[str, float]:
-    """Metrics over all next-token targets of `windows` (`[n, window]` token ids)."""
+    """Metrics over all next-token targets of `windows` (`[n, window]` token ids).
+
+    The model runs in eval mode (no dropout) and is left in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return _evaluate(model, windows, skip_ids, batch_size, progress, desc)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate(model: nn.Module, windows: torch.Tensor, skip_ids: torch.Tensor | None, batch_size: int,
+              progress: bool, desc: str) -> dict[str, float]:
     device = next(model.parameters()).device
     skip = None if skip_ids is None else skip_ids.to(device)
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # n, top1, top10, n_skip, top1_skip, top10_skip
@@ -38,7 +50,7 @@ def evaluate(
         loss_sum += nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
         ).double()
-        top10 = logits.topk(10, dim=-1).indices  # [batch, pos-1, 10]
+        top10 = logits.topk(min(10, logits.shape[-1]), dim=-1).indices  # [batch, pos-1, 10]
         hit1 = top10[..., 0] == target
         hit10 = (top10 == target[..., None]).any(-1)
         keep = torch.ones_like(target, dtype=torch.bool) if skip is None else ~torch.isin(target, skip)

@@ -124,8 +124,9 @@ def prepare_data(cfg: PruneConfig, tokenizer: PreTrainedTokenizerBase) -> Data:
 
 def _evaluate_both(model: nn.Module, data: Data, cfg: PruneConfig, progress: bool) -> dict[str, dict[str, float]]:
     return {
-        "forget": evaluate(model, data.forget_test, data.skip["forget"], cfg.batch_size, progress, "eval forget"),
-        "retain": evaluate(model, data.retain_test, data.skip["retain"], cfg.batch_size, progress, "eval retain"),
+        # a hand-made Data without skip sets: the skip metrics equal the plain ones
+        "forget": evaluate(model, data.forget_test, data.skip.get("forget"), cfg.batch_size, progress, "eval forget"),
+        "retain": evaluate(model, data.retain_test, data.skip.get("retain"), cfg.batch_size, progress, "eval retain"),
     }
 
 
@@ -134,7 +135,12 @@ def _fracs(cfg: PruneConfig) -> dict[str, float]:
 
 
 class RunDir:
-    """A pruning run's folder: `config.json`, `step_NNN.safetensors`, `records.json`."""
+    """A pruning run's folder: `config.json`, `step_NNN.safetensors`, `records.json`.
+
+    Every parameter must match to reuse a folder, except `steps`: a rerun with more steps
+    extends the run (with fewer, it returns the first `steps`)."""
+
+    EXTENDABLE = ("steps",)
 
     def __init__(self, path: str | Path, cfg: PruneConfig) -> None:
         self.path = Path(path)
@@ -143,12 +149,17 @@ class RunDir:
         cfg_file = self.path / "config.json"
         if cfg_file.exists():
             have = self._read_json(cfg_file)
-            if have != want:
-                diff = {k: (have.get(k), want.get(k)) for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)}
+            if not isinstance(have, dict):
+                raise SelpruneError(f"run file {cfg_file} is corrupt; delete the run directory and start again")
+            diff = {k: (have.get(k), want.get(k)) for k in sorted(set(have) | set(want))
+                    if k not in self.EXTENDABLE and have.get(k) != want.get(k)}
+            if diff:
                 raise SelpruneError(
                     f"run directory {self.path} was made with other parameters {diff} (was, now); "
                     "use a new run directory, or delete this one"
                 )
+            if want["steps"] > have.get("steps", 0):
+                atomic_write_json(cfg_file, want)  # the run was extended
         else:
             atomic_write_json(cfg_file, want)
 
@@ -187,11 +198,13 @@ def run_pruning(
     tokenizer: PreTrainedTokenizerBase,
     data: Data | None = None,
     progress: bool = True,
+    base: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], Pruner]:
     """Run (or resume) a pruning run; returns the step records and the pruner, whose
     model is left pruned as of the last step (call `pruner.restore()` to undo).
 
-    Record 0 is the unpruned model. Each record: step, fractions pruned per kind,
+    Record 0 is the unpruned model (metrics from `base` if given: the same data and model
+    give the same numbers, so a series evaluates the unpruned model once). Each record: step, fractions pruned per kind,
     per-layer counts, metrics of forget and retain, and seconds per phase.
     """
     cfg.validate()
@@ -200,7 +213,7 @@ def run_pruning(
     sites = find_sites(model)
     pruner = Pruner(model, sites)
     data = data or prepare_data(cfg, tokenizer)
-    records = rd.records()
+    records = rd.records()[: cfg.steps + 1]  # a rerun with fewer steps: the first `steps`
     meta = {"model": cfg.model, "window": cfg.window, "seed": cfg.seed}
     fixed_scores = None
     if cfg.mode == "one-shot":  # scores of the unpruned model, before any replay
@@ -209,10 +222,11 @@ def run_pruning(
         new, values = rd.load_step(i)
         for kind in KINDS:
             pruner.prune(kind, new[kind], values[kind])
-    if not records:
+    if not records:  # step 0: the unpruned model (`base`, if given, saves evaluating it again)
         t0 = time.perf_counter()
+        metrics = {"forget": base["forget"], "retain": base["retain"]} if base else _evaluate_both(model, data, cfg, progress)
         records.append({"step": 0, "fraction": {k: 0.0 for k in KINDS}, "pruned_per_layer": masks_summary(pruner.masks),
-                        **_evaluate_both(model, data, cfg, progress), "seconds": {"eval": time.perf_counter() - t0}})
+                        **metrics, "seconds": {"eval": time.perf_counter() - t0}})
         rd.save_records(records)
     base = records[0]
     for step in range(len(records), cfg.steps + 1):
@@ -300,7 +314,8 @@ def selectivity_area(records: list[dict[str, Any]], metric: str = "top1") -> flo
         return 0.0
     c = relative_curves(records, metric)
     gap = c["retain"] - c["forget"]
-    return float(np.trapezoid(gap, dx=1.0) / (len(records) - 1))
+    area = float(((gap[1:] + gap[:-1]) / 2).sum())  # trapezoid rule (np.trapezoid needs numpy >= 2)
+    return area / (len(records) - 1)
 
 
 def forget_drop_at_retain_drop(records: list[dict[str, Any]], retain_drop: float = 0.10, metric: str = "top1") -> float | None:

@@ -18,12 +18,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def cache_dir() -> Path:
     """The cache root: `$SELPRUNE_CACHE`, else `~/.cache/selprune`."""
     root = os.environ.get("SELPRUNE_CACHE") or Path.home() / ".cache" / "selprune"
-    return Path(root)
+    return Path(root).expanduser()
 
 
 def data_dir() -> Path:
     """The bundled corpora: `$SELPRUNE_DATA`, else `data/` beside the package."""
-    return Path(os.environ.get("SELPRUNE_DATA") or REPO_ROOT / "data")
+    return Path(os.environ.get("SELPRUNE_DATA") or REPO_ROOT / "data").expanduser()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

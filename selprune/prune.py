@@ -70,14 +70,17 @@ class Pruner:
         return out
 
     def fraction(self, kind: str) -> float:
-        return float(self.masks[kind].float().mean())
+        m = self.masks[kind]
+        return int(m.sum()) / m.numel()  # exact (a float32 mean gives 0.1458333283... for 14/96)
 
     def prune(self, kind: str, new: torch.Tensor, values: torch.Tensor | None = None) -> int:
         """Prune the neurons in `new` (bool, neuron shape). `values` (neuron shape): the
         constants of mean/peak ablation; None zero-ablates. Returns how many were pruned."""
-        new = new.bool().cpu() & ~self.masks[kind]
-        if new.shape != self.masks[kind].shape:
+        if tuple(new.shape) != tuple(self.masks[kind].shape):  # before `&`, which would broadcast
             raise SelpruneError(f"{kind} mask has shape {tuple(new.shape)}, expected {tuple(self.masks[kind].shape)}")
+        if values is not None and tuple(values.shape) != tuple(self.masks[kind].shape):
+            raise SelpruneError(f"{kind} ablation values have shape {tuple(values.shape)}, expected {tuple(self.masks[kind].shape)}")
+        new = new.bool().cpu() & ~self.masks[kind]
         with torch.no_grad():
             for layer, module in enumerate(self.sites.modules(kind)):
                 idx = new[layer].reshape(-1).nonzero().squeeze(1)  # [n_new]

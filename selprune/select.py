@@ -20,11 +20,10 @@ HEAD_REDUCERS = {
 
 def _top(scores: torch.Tensor, available: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the k best available entries of a flat tensor (ties: lower index)."""
-    s = scores.double().masked_fill(~available, float("-inf"))
-    order = torch.sort(s, descending=True, stable=True).indices
-    k = min(k, int(available.sum()))
+    idx = available.nonzero().squeeze(1)  # only available entries compete: a score of -inf
+    order = torch.sort(scores[idx].double(), descending=True, stable=True).indices  # must not revive a pruned one
     out = torch.zeros_like(available)
-    out[order[:k]] = True
+    out[idx[order[:k]]] = True
     return out
 
 

@@ -128,16 +128,37 @@ def _config_value(config, *names: str) -> int | None:
     return None
 
 
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks: the ModuleList with `num_hidden_layers` entries (the longest if
-    the config does not say), found by structure so that wrappers do not matter."""
+def _block_lists(model: nn.Module) -> list[nn.ModuleList]:
+    """Candidate block lists: ModuleLists with `num_hidden_layers` entries (any length if
+    the config does not say), longest first, in model order among equals."""
     n = _config_value(model.config, "num_hidden_layers", "n_layer", "num_layers")
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if n is not None:
         lists = [m for m in lists if len(m) == n]
+    return sorted(lists, key=len, reverse=True)
+
+
+def _has_path(block: nn.Module, path: str) -> bool:
+    try:
+        block.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def decoder_blocks(model: nn.Module, path: str | None = None) -> nn.ModuleList:
+    """The decoder blocks: the ModuleList with `num_hidden_layers` entries (the longest if
+    the config does not say), found by structure so that wrappers do not matter. With
+    `path`, the first such list whose blocks contain it: a multimodal model's vision
+    encoder may have as many layers as its language model."""
+    lists = _block_lists(model)
     if not lists:
         raise SelpruneError(f"could not find the decoder blocks of {type(model).__name__}")
-    return max(lists, key=len)
+    if path is not None:
+        for blocks in lists:
+            if _has_path(blocks[0], path):
+                return blocks
+    return lists[0]
 
 
 def _linear_like(m: nn.Module) -> bool:
@@ -162,14 +183,20 @@ def _find_by_structure(block: nn.Module, d_model: int) -> tuple[str, str] | None
 def find_sites(model: nn.Module) -> NeuronSites:
     """Locate the FF and attention output projections of every block."""
     model_type = getattr(model.config, "model_type", type(model).__name__)
-    blocks = decoder_blocks(model)
     n_heads = _config_value(model.config, "num_attention_heads", "n_head", "num_heads")
     arch = ARCHITECTURES.get(model_type)
     if arch is not None:
         ff_path, attn_path = arch.ff_out, arch.attn_out
+        blocks = decoder_blocks(model, ff_path)
     else:
+        blocks = decoder_blocks(model)
         d_model = _config_value(model.config, "hidden_size", "n_embd", "d_model")
-        found = _find_by_structure(blocks[0], d_model) if d_model else None
+        found = None
+        for candidate in _block_lists(model) if d_model else []:
+            found = _find_by_structure(candidate[0], d_model)
+            if found is not None:
+                blocks = candidate
+                break
         if found is None or n_heads is None:
             raise SelpruneError(
                 f"architecture {model_type!r} ({type(model).__name__}) has no registered neuron sites and "

@@ -99,13 +99,14 @@ class ActivationStats:
                 header = json.loads((f.metadata() or {})["selprune"])
             tensors = load_file(str(path))
             sums = {k: {f: tensors[f"{k}.{f}"] for f in FIELDS} for k in KINDS}
+            n_tokens, hist_range = int(header["n_tokens"]), tuple(header["hist_range"])
         except (KeyError, ValueError, OSError, json.JSONDecodeError, Exception) as e:  # noqa: B014
             raise SelpruneError(
                 f"statistics file {path} is corrupt or not a selprune statistics file ({type(e).__name__}: {e}); "
                 "delete it and collect again"
             ) from e
         hist = {k: tensors[f"{k}.hist"] for k in KINDS if f"{k}.hist" in tensors}
-        return cls(int(header["n_tokens"]), sums, hist, tuple(header["hist_range"]), header.get("meta", {}))
+        return cls(n_tokens, sums, hist, hist_range, header.get("meta", {}))
 
     def check_matches(self, sites: NeuronSites, model_name: str | None = None) -> None:
         """Refuse statistics from another model: shapes (and model name, if recorded) must match."""
@@ -169,13 +170,14 @@ class StatsCollector:
         self._handles.clear()
 
     def set_token_mask(self, attention_mask: torch.Tensor | None) -> None:
-        """Mark the real tokens of the next batch (`[batch, pos]`, 1 = real); None: all real."""
+        """Mark the real tokens of the next batch (`[batch, pos]`, 1 = real); None: all real.
+
+        Tokens are counted as the first layer's FF hook sees them (after the mask), so the
+        count always matches the sums, with or without a mask."""
         if attention_mask is None or bool(attention_mask.all()):
             self.token_mask = None
-            self.n_tokens += 0 if attention_mask is None else int(attention_mask.numel())
         else:
             self.token_mask = attention_mask.reshape(-1).bool()
-            self.n_tokens += int(self.token_mask.sum())
 
     def _hook(self, kind: str, layer: int):
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
@@ -183,6 +185,8 @@ class StatsCollector:
             x = x.reshape(-1, x.shape[-1])  # [tokens, d_in]
             if self.token_mask is not None:
                 x = x[self.token_mask.to(x.device)]
+            if kind == KINDS[0] and layer == 0:  # once per forward pass
+                self.n_tokens += x.shape[0]
             x = x.float()
             key = (kind, layer)
             removed = self.removed.get(kind)
@@ -258,9 +262,14 @@ def collect_stats(
     body = getattr(model, model.base_model_prefix, model)
     device = next(model.parameters()).device
     collector = StatsCollector(sites, removed, hist_bins, hist_range)
-    with torch.inference_mode(), collector:
-        for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
-            ids = windows[start : start + batch_size].to(device)  # [batch, pos]
-            collector.set_token_mask(torch.ones_like(ids, dtype=torch.bool))
-            body(input_ids=ids, use_cache=False)
+    was_training = model.training
+    model.eval()  # no dropout noise in the statistics (a model built from a config starts in training mode)
+    try:
+        with torch.inference_mode(), collector:
+            for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
+                ids = windows[start : start + batch_size].to(device)  # [batch, pos]
+                collector.set_token_mask(None)  # fixed-length windows: every token is real
+                body(input_ids=ids, use_cache=False)
+    finally:
+        model.train(was_training)
     return collector.result(meta)

@@ -14,6 +14,7 @@ Packing wastes no compute on padding and makes the stream identical on every run
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,15 +99,19 @@ def _load_bundled(src: TextSource, split: str) -> datasets.Dataset:
 
 
 def _load_local(path: Path, split: str, text_field: str) -> datasets.Dataset:
-    """A file, or a folder of files. A folder with `train.*` and `test.*` files uses them
-    as the splits; otherwise documents are split by `is_test_document` on their index."""
+    """A file, or a folder of files. A folder with `train.*`/`test.*` files uses them as
+    the splits (asking for a split it has no file for is an error, never a re-split of the
+    other's documents); otherwise documents are split by `is_test_document` on their index."""
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_FORMATS)
-        by_split = [p for p in files if p.name.split(".")[0] == split]
-        if by_split:
-            files, presplit = by_split, True
-        else:
-            presplit = False
+        presplit = any(p.name.split(".")[0] in SPLITS for p in files)
+        if presplit:  # a folder with any train.*/test.* file is pre-split: never re-split it
+            files = [p for p in files if p.name.split(".")[0] == split]
+            if not files:
+                raise SelpruneError(
+                    f"{path} holds split files ({', '.join(SPLITS)}) but no {split}.* file; add one, "
+                    "or rename the files so that the folder is split by document"
+                )
     else:
         files, presplit = [path], False
     if not files:
@@ -182,7 +187,14 @@ def _documents(texts: Iterable[str] | datasets.Dataset | datasets.IterableDatase
         for row in texts:
             yield row["text"]
     else:
-        yield from texts
+        if isinstance(texts, str):
+            texts = [texts]
+        if seed is None:
+            yield from texts
+        else:  # plain iterables are shuffled by `seed` too, as the datasets are
+            docs = list(texts)
+            random.Random(seed).shuffle(docs)
+            yield from docs
 
 
 def token_windows(

@@ -1,0 +1,114 @@
+"""Running the notebook series: with papermill into a run directory (`selprune run`), or
+in place to regenerate the stored outputs that nbval checks (`make notebooks`).
+
+A failing cell stops the series with an error naming the notebook and the cell; the
+notebooks and results already written stay as they were (every write is atomic).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import nbformat
+
+from selprune.errors import SelpruneError
+from selprune.paths import REPO_ROOT
+from selprune.series import NOTEBOOKS, Series, resolve_params
+
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+STORED_RUN_DIR = REPO_ROOT / "runs" / "notebooks"  # the stored notebooks' run_dir ("../runs/notebooks")
+
+
+def run_series(params: dict[str, Any], progress: bool = True, notebooks: tuple[str, ...] = NOTEBOOKS) -> Path:
+    """Execute the series with papermill; returns the run directory.
+
+    Executed notebooks go to `run_dir/notebooks/`, figures to `run_dir/figures/`, and
+    `run_dir/results.json` is rewritten after each step.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    p = resolve_params(params)
+    run_dir = Path(p["run_dir"]).resolve()
+    p["run_dir"] = str(run_dir)
+    Series(progress=False, **p)  # validate parameters (and the run directory) before starting a kernel
+    out_dir = run_dir / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = {"SELPRUNE_PROGRESS": "1" if progress else "0"}
+    for name in notebooks:
+        src = NOTEBOOK_DIR / name
+        if not src.is_file():
+            raise SelpruneError(f"notebook {src} is missing; restore it from the repository")
+        tmp = out_dir / f".tmp-{name}"
+        if progress:
+            print(f"selprune: {name}", file=sys.stderr)
+        try:
+            with _environ(env):
+                papermill.execute_notebook(str(src), str(tmp), parameters=p, cwd=str(NOTEBOOK_DIR),
+                                           progress_bar=progress, kernel_name="python3")
+        except PapermillExecutionError as e:
+            failed = out_dir / f"FAILED-{name}"
+            tmp.replace(failed) if tmp.exists() else None
+            raise SelpruneError(
+                f"notebook {name} failed in cell {e.exec_count} ({e.ename}: {e.evalue}); "
+                f"the executed notebook is {failed}"
+            ) from e
+        tmp.replace(out_dir / name)
+    return run_dir
+
+
+class _environ:
+    """Set environment variables for the kernels started inside the block."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values, self.old = values, {}
+
+    def __enter__(self) -> None:
+        for k, v in self.values.items():
+            self.old[k] = os.environ.get(k)
+            os.environ[k] = v
+
+    def __exit__(self, *exc: Any) -> None:
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Strip what changes from run to run and is not content: execution timings,
+    papermill's metadata, widget state. Keeps outputs and execution counts."""
+    for key in ("papermill", "widgets"):
+        nb.metadata.pop(key, None)
+    nb.metadata["language_info"] = {"name": "python"}
+    for cell in nb.cells:
+        for key in ("execution", "papermill", "collapsed", "scrolled"):
+            cell.metadata.pop(key, None)
+    return nb
+
+
+def regenerate(notebooks: tuple[str, ...] = NOTEBOOKS, timeout: int = 1800) -> None:
+    """Re-execute the stored notebooks in place at their default parameters, from a fresh
+    run directory, and store their cleaned outputs (what nbval compares against)."""
+    from nbclient import NotebookClient
+
+    shutil.rmtree(STORED_RUN_DIR, ignore_errors=True)
+    with _environ({"SELPRUNE_PROGRESS": "0"}):
+        for name in notebooks:
+            path = NOTEBOOK_DIR / name
+            print(f"selprune: regenerating {name}", file=sys.stderr)
+            nb = nbformat.read(path, as_version=4)
+            NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
+                           resources={"metadata": {"path": str(NOTEBOOK_DIR)}}).execute()
+            tmp = path.with_suffix(".tmp")
+            nbformat.write(clean(nb), tmp)
+            tmp.replace(path)
+
+
+if __name__ == "__main__":
+    regenerate()
