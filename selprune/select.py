@@ -27,6 +27,12 @@ def _top(scores: torch.Tensor, available: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
+def _count(frac: float, n: int) -> int:
+    """How many of n to take for a fraction: rounded, but at least one when frac > 0, so a
+    small fraction of few units (e.g. 2% of 8 heads) never silently prunes nothing."""
+    return max(1, round(frac * n)) if frac > 0 else 0
+
+
 def select(
     scores: torch.Tensor,
     frac: float,
@@ -55,8 +61,8 @@ def select(
     n_layers = scores.shape[0]
     if per_layer:
         per = scores[0].numel()
-        k = round(frac * per)
+        k = _count(frac, per)
         rows = [_top(scores[i].reshape(-1), ~pruned[i].reshape(-1), k) for i in range(n_layers)]
         return torch.stack(rows).reshape(scores.shape)
-    k = round(frac * scores.numel())
+    k = _count(frac, scores.numel())
     return _top(scores.reshape(-1), ~pruned.reshape(-1), k).reshape(scores.shape)

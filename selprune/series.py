@@ -11,7 +11,9 @@ alone once its predecessors have:
     pruned-model/                03: the FF-pruned model, loadable by plain transformers
     anamnesia.json               06: retraining curves and the anamnesia index
     figures/*.png                every figure
-    results.json                 everything above, summarised (rewritten by each step)
+    results.json                 everything above, summarised (rewritten by each step);
+                                 identical for identical parameters and seed on CPU fp32
+    timings.json                 the wall-clock seconds of every phase, kept apart
 
 Parameters have one name each across the series; `PARAMS` holds them, their defaults
 (sized so that the series runs in minutes on a 2-core CPU) and their help.
@@ -117,6 +119,30 @@ def resolve_params(given: dict[str, Any]) -> dict[str, Any]:
     if bad:
         raise SelpruneError(f"unknown runs {bad}; choose among {', '.join(RUNS)}")
     return p
+
+
+def split_timings(obj: Any, path: str = "") -> tuple[Any, dict[str, Any]]:
+    """Move every "seconds" entry out of a nested result, keyed by its path, so that
+    results.json is identical between runs with the same parameters and seed (wall-clock
+    times never are) while timings.json keeps them."""
+    timings: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if k == "seconds":
+                timings[path or "."] = v
+                continue
+            out[k], sub = split_timings(v, f"{path}/{k}")
+            timings.update(sub)
+        return out, timings
+    if isinstance(obj, list):
+        out_list = []
+        for i, v in enumerate(obj):
+            item, sub = split_timings(v, f"{path}/{i}")
+            out_list.append(item)
+            timings.update(sub)
+        return out_list, timings
+    return obj, timings
 
 
 def environment(model: torch.nn.Module) -> dict[str, Any]:
@@ -386,9 +412,13 @@ class Series:
         if f.exists():
             return json.loads(f.read_text())
         selective = next((r for r in ("ff", "attn", "attn_heads") if self.records(r)), None)
-        if selective is None or not self.records("random"):
-            raise SelpruneError("anamnesia needs a selective pruning run (ff, attn or attn_heads) and the random "
-                                "run; run notebooks 03 and 04 first with them in `runs`")
+        if selective is None:
+            raise SelpruneError("anamnesia needs a selective pruning run (ff, attn or attn_heads); run notebooks "
+                                "03 and 04 first with one of them in `runs`")
+        if not self.records("random"):  # the control is needed even when `runs` left it out
+            if self.p["ff_frac"] <= 0:
+                raise SelpruneError("anamnesia's control is the random FF baseline, which needs ff_frac > 0")
+            self.prune("random")
         d = self.data
         n_eval = max(1, self.p["retrain_eval_tokens"] // self.p["window"])
         small = Data(d.forget_train, d.retain_train, d.forget_test[:n_eval], d.retain_test[:n_eval], d.skip)
@@ -427,5 +457,7 @@ class Series:
             "runs": runs,
             "anamnesia": json.loads(an.read_text()) if an.exists() else None,
         }
+        results, timings = split_timings(results)
+        atomic_write_json(self.run_dir / "timings.json", timings)
         atomic_write_json(self.run_dir / "results.json", results)
         return results
