@@ -148,3 +148,12 @@ def test_failing_cell_names_the_notebook_and_exits_nonzero(tmp_path, tiny_llama_
 
 def test_runs_registry_names_a_kind_for_each_run():
     assert all(kind in ("ff", "attn") for _, kind in RUNS.values())
+
+
+def test_readme_documents_every_parameter_and_the_two_commands():
+    from selprune.paths import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    missing = [k for k in PARAMS if f"`{k}`" not in readme]
+    assert not missing, f"README.md does not document parameters {missing}"
+    assert "make run" in readme and "make test" in readme
