@@ -415,13 +415,16 @@ def match_random_step(selective_records: list[dict[str, Any]], random_records: l
                       selective_step: int | None = None) -> int:
     """The step of the random-pruning run whose relative retain top-1 drop (against its own
     step 0) is closest to the selective run's at `selective_step` (default: its last);
-    ties go to the earlier step. Both runs come from `run_pruning` records."""
+    ties go to the earlier step. Only pruned steps (>= 1) compete when the run has any: a
+    selective run with no retain damage would otherwise be "matched" by the unpruned model,
+    and the random control would prune nothing. Both runs come from `run_pruning` records."""
     if not selective_records or not random_records:
         raise SelpruneError("matching needs the records of both pruning runs (selective and random)")
     sel = _record_at(selective_records, selective_step)
     want = _relative_drop(sel, selective_records[0], "retain")
-    return min(random_records, key=lambda r: (abs(_relative_drop(r, random_records[0], "retain") - want),
-                                              r["step"]))["step"]
+    candidates = [r for r in random_records if r["step"] >= 1] or random_records
+    return min(candidates, key=lambda r: (abs(_relative_drop(r, random_records[0], "retain") - want),
+                                          r["step"]))["step"]
 
 
 def _record_at(records: list[dict[str, Any]], step: int | None) -> dict[str, Any]:

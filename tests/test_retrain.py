@@ -181,6 +181,8 @@ def test_match_random_step() -> None:
     assert match_random_step(selective, random, selective_step=1) == 1  # 4% -> 2%
     with pytest.raises(SelpruneError, match="not among"):
         match_random_step(selective, random, selective_step=7)
+    # no retain damage at all: the control is still a pruned model (step 1), not step 0
+    assert match_random_step(recs([0.5, 0.51]), random) == 1
 
 
 # ------------------------------------------------------------------------------ training
