@@ -24,6 +24,10 @@ run: venv
 test: venv
 	$(BIN)/python -m pytest $(ARGS)
 
+# Re-execute the stored notebooks at their defaults (the outputs nbval checks).
+notebooks: venv
+	$(BIN)/python -m selprune.notebooks
+
 lint: venv
 	$(BIN)/ruff check selprune tests data benchmarks
 
