@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from selprune.errors import SelpruneError
+from selprune.paths import read_json
 from selprune.series import PARAMS, Series
 
 
@@ -50,7 +51,11 @@ def _params(args: argparse.Namespace) -> dict:
             raise SelpruneError(f"{args.file} must hold a mapping of parameter names to values")
         params.update(loaded)
     for name, value in args.param:
-        params[name] = yaml.safe_load(value)  # "0.01" -> float, "abs" -> str
+        try:
+            params[name] = yaml.safe_load(value)  # "0.01" -> float, "abs" -> str
+        except yaml.YAMLError as e:
+            raise SelpruneError(f"cannot read the value of -p {name} {value!r} ({e}); "
+                                "give a YAML value (quote strings with special characters)") from e
     if args.out:
         params["run_dir"] = args.out
     return params
@@ -62,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run_dir = run_series(_params(args), progress=not args.quiet)
-        table = Series(progress=False, **{**_params(args), "run_dir": str(run_dir)}).results_table()
+        # the parameters the run recorded (with local paths made absolute for the kernels)
+        table = Series(progress=False, **read_json(run_dir / "params.json")).results_table()
     except SelpruneError as e:
-        print(f"selprune: error: {e}", file=sys.stderr)
+        print(f"selprune: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the cause
         return 2
     cols = ["run", "dataset", "pruned", "base top1", "top1", "top10", "loss", "top1 drop %"]
     print(table[cols].round(3).to_string(index=False))

@@ -172,7 +172,14 @@ class RunDir:
 
     def records(self) -> list[dict[str, Any]]:
         f = self.path / "records.json"
-        return self._read_json(f) if f.exists() else []
+        if not f.exists():
+            return []
+        records = self._read_json(f)
+        if not isinstance(records, list) or [r.get("step") if isinstance(r, dict) else None
+                                             for r in records] != list(range(len(records))):
+            raise SelpruneError(f"run file {f} is corrupt (not the records of steps 0, 1, ...); "
+                                "delete the run directory and start again")
+        return records
 
     def save_step(self, step: int, new: dict[str, torch.Tensor], values: dict[str, torch.Tensor | None]) -> None:
         tensors = {f"{k}.mask": m.to(torch.uint8).contiguous() for k, m in new.items()}
@@ -183,9 +190,9 @@ class RunDir:
         f = self.path / f"step_{step:03d}.safetensors"
         try:
             t = load_file(str(f))
+            return ({k: t[f"{k}.mask"].bool() for k in KINDS}, {k: t.get(f"{k}.values") for k in KINDS})
         except Exception as e:  # noqa: BLE001 - any read failure means the same thing here
             raise SelpruneError(f"run file {f} is missing or corrupt ({e}); delete the run directory and start again") from e
-        return ({k: t[f"{k}.mask"].bool() for k in KINDS}, {k: t.get(f"{k}.values") for k in KINDS})
 
     def save_records(self, records: list[dict[str, Any]]) -> None:
         atomic_write_json(self.path / "records.json", records)

@@ -89,6 +89,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise SelpruneError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SelpruneError(f"device {device!r} asked for, but torch sees no CUDA GPU; use device='cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SelpruneError(f"device {device!r} asked for, but torch sees only {torch.cuda.device_count()} CUDA "
+                            f"GPU(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}, or cpu")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise SelpruneError(f"device {device!r} asked for, but MPS is not available; use device='cpu'")
     return dev
@@ -266,6 +269,28 @@ def _load_hub_id(repo_id: str, **kw: Any) -> tuple[PreTrainedModel, PreTrainedTo
     return model, tok
 
 
+def model_spec_kind(spec: str) -> str:
+    """What `spec` names, checked without loading anything: "shortcut", "dir" (a local
+    Hugging Face model directory), "gguf" (a local file) or "hub" (an id `org/name`). A
+    spec that can name no model is a `SelpruneError`, so a run fails before heavy work."""
+    path = Path(os.path.expanduser(str(spec)))
+    if spec in MODELS:
+        return "shortcut"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SelpruneError(f"{path} is a folder without config.json; pass a Hugging Face model directory")
+        return "dir"
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    if path.exists() or str(spec).startswith((".", "/", "~")) or str(spec).count("/") != 1:
+        raise SelpruneError(
+            f"unknown model {spec!r}: not a shortcut ({', '.join(sorted(MODELS))}), "
+            "not a Hugging Face model directory or .gguf file, and not a hub id of the form org/name; "
+            "pass one of those (check the spelling, or that the path exists)"
+        )
+    return "hub"
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     dtype: str | torch.dtype = "auto",
@@ -283,21 +308,15 @@ def load_model(
     kw: dict[str, Any] = {"dtype": torch_dtype}
     if device_map is not None:
         kw["device_map"] = device_map
+    kind = model_spec_kind(spec)
     path = Path(os.path.expanduser(str(spec)))
-    if spec in MODELS:
+    if kind == "shortcut":
         entry = MODELS[spec]
         model, tok = LOADERS[entry.kind](spec, entry, **kw)
-    elif path.is_dir():
-        if not (path / "config.json").is_file():
-            raise SelpruneError(f"{path} is a folder without config.json; pass a Hugging Face model directory")
+    elif kind == "dir":
         model, tok = _load_dir(path, **kw)
-    elif path.is_file() and path.suffix == ".gguf":
+    elif kind == "gguf":
         model, tok = _load_dir(path.parent, gguf_file=path.name, **kw)
-    elif path.exists() or str(spec).startswith((".", "/", "~")) or str(spec).count("/") != 1:
-        raise SelpruneError(
-            f"unknown model {spec!r}: not a shortcut ({', '.join(sorted(MODELS))}), "
-            "not a Hugging Face model directory or .gguf file, and not a hub id of the form org/name"
-        )
     else:
         model, tok = _load_hub_id(str(spec), **kw)
     if device_map is None:

@@ -16,8 +16,10 @@ from typing import Any
 import nbformat
 
 from selprune.errors import SelpruneError
+from selprune.models import MODELS
 from selprune.paths import REPO_ROOT
 from selprune.series import NOTEBOOKS, Series, resolve_params
+from selprune.texts import DATASETS
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 STORED_RUN_DIR = REPO_ROOT / "runs" / "notebooks"  # the stored notebooks' run_dir ("../runs/notebooks")
@@ -35,6 +37,10 @@ def run_series(params: dict[str, Any], progress: bool = True, notebooks: tuple[s
     p = resolve_params(params)
     run_dir = Path(p["run_dir"]).resolve()
     p["run_dir"] = str(run_dir)
+    for name, registry in (("model", MODELS), ("forget", DATASETS), ("retain", DATASETS)):
+        local = Path(p[name]).expanduser()  # kernels run in notebooks/: relative paths would miss
+        if p[name] not in registry and local.exists():
+            p[name] = str(local.resolve())
     Series(progress=False, **p)  # validate parameters (and the run directory) before starting a kernel
     out_dir = run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -175,6 +175,7 @@ def export_pruned(model: nn.Module, pruner: Pruner, out_dir: str | Path) -> Path
                 weight = state[name[: -len("bias")] + "weight"]
                 state[name] = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
         tmp = out_dir.parent / f".{out_dir.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted export: start clean
         model.save_pretrained(tmp, state_dict=state)
     finally:
         for f, v in old.items():

@@ -43,14 +43,15 @@ from selprune.loop import (
     run_pruning,
     selectivity_area,
 )
-from selprune.models import load_model
-from selprune.paths import atomic_write_json
+from selprune.models import load_model, model_spec_kind, resolve_device, resolve_dtype
+from selprune.paths import atomic_write_json, read_json
 from selprune.prune import export_pruned
 from selprune.retrain import RetrainConfig, anamnesia_from_runs, replay_run
 from selprune.scoring import IMPORTANCE, score
 from selprune.select import select
 from selprune.sites import find_sites
 from selprune.stats import ActivationStats, collect_stats
+from selprune.texts import check_dataset_spec
 
 # name -> (default, help). One name per parameter across the CLI and every notebook.
 PARAMS: dict[str, tuple[Any, str]] = {
@@ -175,14 +176,24 @@ class Series:
 
             transformers.utils.logging.disable_progress_bar()
             datasets.disable_progress_bars()
-        self.run_dir = Path(self.p["run_dir"])
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._check_params()
+        # fail on bad parameters before any heavy work, and before the run directory records them
+        for name in ("ff_frac", "attn_frac"):  # checked here too: a negative one would switch its runs off
+            if not 0 <= self.p[name] < 1:
+                raise SelpruneError(f"{name}={self.p[name]} is outside [0, 1); use e.g. 0.02 for 2% per step")
         if not self.active_runs():
             raise SelpruneError(f"no pruning run has a fraction above 0 among runs={self.p['runs']!r}: "
                                 "set ff_frac or attn_frac above 0")
-        for run in self.active_runs():  # fail on bad fractions etc. before any heavy work
+        for run in self.active_runs():
             self.prune_config(run).validate()
+        model_spec_kind(self.p["model"])
+        for side in ("forget", "retain"):
+            check_dataset_spec(self.p[side])
+        if self.p["dtype"] != "auto":  # "auto" is resolved with the model (it may benchmark the CPU)
+            resolve_dtype(self.p["dtype"])
+        resolve_device(self.p["device"])
+        self.run_dir = Path(self.p["run_dir"])
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._check_params()
 
     @classmethod
     def from_globals(cls, namespace: dict[str, Any]) -> Series:
@@ -247,7 +258,7 @@ class Series:
         """Metrics of the unpruned model, computed once per run directory."""
         f = self.run_dir / "base.json"
         if f.exists():
-            return json.loads(f.read_text())
+            return read_json(f)
         from selprune.evaluate import evaluate
 
         d, b = self.data, self.p["batch_size"]
@@ -313,7 +324,7 @@ class Series:
 
     def records(self, run: str) -> list[dict[str, Any]] | None:
         f = self.run_dir / run / "records.json"
-        return json.loads(f.read_text()) if f.exists() else None
+        return read_json(f) if f.exists() else None
 
     def finished_runs(self) -> dict[str, list[dict[str, Any]]]:
         return {r: rec for r in RUNS if (rec := self.records(r))}
@@ -410,7 +421,7 @@ class Series:
         and the unpruned one; reused if already in the run directory."""
         f = self.run_dir / "anamnesia.json"
         if f.exists():
-            return json.loads(f.read_text())
+            return read_json(f)
         selective = next((r for r in ("ff", "attn", "attn_heads") if self.records(r)), None)
         if selective is None:
             raise SelpruneError("anamnesia needs a selective pruning run (ff, attn or attn_heads); run notebooks "
@@ -426,6 +437,8 @@ class Series:
         result = anamnesia_from_runs(self.model, small, self.retrain_config(), self.run_dir / selective,
                                      self.run_dir / "random", progress=self.progress)
         result["selective_run"] = selective
+        # run names, not paths: results.json must not depend on where the run directory is
+        result["matching"].update(selective_run=selective, random_run="random")
         result["seconds"] = time.perf_counter() - t0
         atomic_write_json(f, result)
         self.write_results()
@@ -449,13 +462,14 @@ class Series:
         runs = {}
         for run, records in self.finished_runs().items():
             runs[run] = {"config": asdict(self.prune_config(run)), "records": records, **self.summary(run)}
-        an = self.run_dir / "anamnesia.json"
+        an, base = self.run_dir / "anamnesia.json", self.run_dir / "base.json"
         results = {
-            "params": self.p,
+            # not run_dir: where the run lives is no result (identical runs in two folders agree)
+            "params": {k: v for k, v in self.p.items() if k != "run_dir"},
             "environment": environment(self.model),
-            "base": json.loads((self.run_dir / "base.json").read_text()) if (self.run_dir / "base.json").exists() else None,
+            "base": read_json(base) if base.exists() else None,
             "runs": runs,
-            "anamnesia": json.loads(an.read_text()) if an.exists() else None,
+            "anamnesia": read_json(an) if an.exists() else None,
         }
         results, timings = split_timings(results)
         atomic_write_json(self.run_dir / "timings.json", timings)

@@ -120,9 +120,16 @@ def _load_local(path: Path, split: str, text_field: str) -> datasets.Dataset:
     if None in kinds or len(kinds) != 1:
         raise SelpruneError(f"{path}: use files of one format among {sorted(LOCAL_FORMATS)}, not {sorted(map(str, kinds))}")
     kind = kinds.pop()
+    if all(p.stat().st_size == 0 for p in files):
+        raise SelpruneError(f"dataset {path} is empty (no text in {', '.join(p.name for p in files[:3])}); "
+                            "add documents, or use another dataset")
     # A .txt file is one document (not one per line): prose and code both span lines.
     extra = {"sample_by": "document"} if kind == "text" else {}
-    ds = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train", **extra)
+    try:
+        ds = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train", **extra)
+    except Exception as e:  # noqa: BLE001 - whatever datasets raises, the file is unreadable as `kind`
+        raise SelpruneError(f"cannot read dataset {path} as {kind} ({type(e).__name__}: {e}); "
+                            "fix or remove the malformed file") from e
     ds = _only_text(ds, "text" if kind == "text" else text_field, str(path))
     if not presplit:
         keep = [i for i in range(len(ds)) if is_test_document(f"{path.name}/{i}") == (split == "test")]
@@ -151,6 +158,7 @@ def load_texts(
     or `hub:ORG/NAME[:CONFIG]` (streamed). `text_field` overrides the field to read.
     """
     _check_split(split)
+    check_dataset_spec(spec)
     if spec in DATASETS:
         src = DATASETS[spec]
         if src.kind == "bundled":
@@ -159,12 +167,16 @@ def load_texts(
     if spec.startswith("hub:"):
         parts = spec[4:].split(":")
         return _load_hub(parts[0], parts[1] if len(parts) > 1 else None, split, text_field or "text")
-    path = Path(spec).expanduser()
-    if path.exists():
-        return _load_local(path, split, text_field or "text")
+    return _load_local(Path(spec).expanduser(), split, text_field or "text")
+
+
+def check_dataset_spec(spec: str) -> None:
+    """Refuse, without reading anything, a spec that names no dataset (a run fails early)."""
+    if spec in DATASETS or spec.startswith("hub:") or Path(spec).expanduser().exists():
+        return
     raise SelpruneError(
-        f"unknown dataset {spec!r}: not a name ({', '.join(sorted(DATASETS))}), not an existing "
-        "file or folder, and not a hub spec (write hub:ORG/NAME[:CONFIG])"
+        f"unknown dataset {spec!r}: not a name ({', '.join(sorted(DATASETS))}), no file or folder of that "
+        "name exists (check the path), and not a hub spec (write hub:ORG/NAME[:CONFIG])"
     )
 
 
