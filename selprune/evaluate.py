@@ -40,25 +40,40 @@ def evaluate(
 def _evaluate(model: nn.Module, windows: torch.Tensor, skip_ids: torch.Tensor | None, batch_size: int,
               progress: bool, desc: str) -> dict[str, float]:
     device = next(model.parameters()).device
-    skip = None if skip_ids is None else skip_ids.to(device)
-    sums = torch.zeros(6, dtype=torch.float64, device=device)  # n, top1, top10, n_skip, top1_skip, top10_skip
+    skip_table = None  # [vocab] bool: is this token id a skip id (a lookup, faster than torch.isin)
+    n = 0  # targets, counted on the host
+    sums = torch.zeros(5, dtype=torch.int64, device=device)  # top1, top10, n_skip, top1_skip, top10_skip
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    work = None  # [batch * pos, vocab] float32 scratch
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
         ids = windows[start : start + batch_size].to(device)  # [batch, pos]
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # [batch, pos-1, vocab]
+        logits = model(input_ids=ids, use_cache=False).logits  # [batch, pos, vocab]
+        b, p, v = logits.shape
+        # Every row of the logits as they are (a view, no copy, when float32 and contiguous);
+        # the last position, which has no target, is dropped from the small per-row results.
+        flat = logits.float().reshape(b * p, v)
+        nxt = ids.roll(-1, dims=1)  # nxt[:, i] = ids[:, i + 1] (the last column wraps, and is dropped)
         target = ids[:, 1:]  # [batch, pos-1]
-        loss_sum += nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
-        ).double()
-        top10 = logits.topk(min(10, logits.shape[-1]), dim=-1).indices  # [batch, pos-1, 10]
-        hit1 = top10[..., 0] == target
-        hit10 = (top10 == target[..., None]).any(-1)
-        keep = torch.ones_like(target, dtype=torch.bool) if skip is None else ~torch.isin(target, skip)
-        sums += torch.stack([
-            torch.tensor(target.numel(), device=device),
-            hit1.sum(), hit10.sum(), keep.sum(), (hit1 & keep).sum(), (hit10 & keep).sum(),
-        ]).double()
-    n, t1, t10, ns, t1s, t10s = sums.tolist()
+        if work is None or work.shape[0] < b * p or work.shape[1] != v:
+            work = torch.empty(b * p, v, dtype=torch.float32, device=device)
+        w = work[: b * p]  # one logits-sized buffer reused across batches (a fresh one per batch costs page faults)
+        # rank of the target = number of logits above its own (no sort): a top-k hit iff rank < k
+        # (ties with the target count in its favour); a NaN target logit is never a hit
+        target_logit = flat.gather(1, nxt.reshape(-1, 1))  # [batch * pos, 1]
+        rank = torch.gt(flat, target_logit, out=w).sum(1).view(b, p)[:, :-1]  # float32 0/1 sums: exact
+        valid = ~target_logit.isnan().view(b, p)[:, :-1]
+        hit1, hit10 = (rank < 1) & valid, (rank < 10) & valid
+        # cross-entropy = -log_softmax at the target, computed into the same buffer
+        logp = torch.log_softmax(flat, -1, out=w).gather(1, nxt.reshape(-1, 1))  # [batch * pos, 1]
+        loss_sum -= logp.view(b, p)[:, :-1].double().sum()
+        if skip_ids is not None and skip_table is None:
+            skip = skip_ids.to(device)
+            skip_table = torch.zeros(v, dtype=torch.bool, device=device)
+            skip_table[skip[(skip >= 0) & (skip < v)]] = True  # other ids match no target anyway
+        keep = torch.ones_like(target, dtype=torch.bool) if skip_table is None else ~skip_table[target]
+        n += target.numel()
+        sums += torch.stack([hit1.sum(), hit10.sum(), keep.sum(), (hit1 & keep).sum(), (hit10 & keep).sum()])
+    t1, t10, ns, t1s, t10s = sums.tolist()  # the only device-to-host transfer, with loss_sum's
     loss = float(loss_sum) / max(n, 1)
     return {
         "top1": t1 / max(n, 1),

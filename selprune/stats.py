@@ -28,6 +28,7 @@ from selprune.paths import atomic_write_bytes
 from selprune.sites import KINDS, NeuronSites
 
 FIELDS = ("sum", "sum_sq", "sum_abs", "count_pos", "sum_sqrt")
+_ROW = {name: i for i, name in enumerate(FIELDS)}  # row of each field in a collector's stacked sums
 DEFAULT_HIST_RANGE = (-4.0, 4.0)
 
 
@@ -154,8 +155,10 @@ class StatsCollector:
         self.hist_range = hist_range
         self.n_tokens = 0
         self.token_mask: torch.Tensor | None = None  # [batch * pos] bool
-        self._acc: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        self._acc: dict[tuple[str, int], torch.Tensor] = {}  # [FIELDS, d_in] float64 sums
+        self._hist: dict[tuple[str, int], torch.Tensor] = {}  # [d_in * hist_bins] float64 counts
         self._keep: dict[tuple[str, int], torch.Tensor] = {}
+        self._scratch: dict[tuple, torch.Tensor] = {}
         self._handles: list[Any] = []
 
     def __enter__(self) -> StatsCollector:
@@ -168,6 +171,7 @@ class StatsCollector:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._scratch.clear()
 
     def set_token_mask(self, attention_mask: torch.Tensor | None) -> None:
         """Mark the real tokens of the next batch (`[batch, pos]`, 1 = real); None: all real.
@@ -181,13 +185,13 @@ class StatsCollector:
 
     def _hook(self, kind: str, layer: int):
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0]  # [batch, pos, d_in]
+            x = args[0].detach()  # [batch, pos, d_in]; statistics are never differentiated
             x = x.reshape(-1, x.shape[-1])  # [tokens, d_in]
             if self.token_mask is not None:
                 x = x[self.token_mask.to(x.device)]
             if kind == KINDS[0] and layer == 0:  # once per forward pass
                 self.n_tokens += x.shape[0]
-            x = x.float()
+            x = x.float()  # no copy if the model runs in float32
             key = (kind, layer)
             removed = self.removed.get(kind)
             if removed is not None:
@@ -198,29 +202,55 @@ class StatsCollector:
 
         return hook
 
+    def _buffer(self, slot: int, shape: tuple[int, ...], device: torch.device,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A scratch tensor of `shape`, reused from call to call: a fresh activation-sized
+        temporary per call costs allocation, page faults and cache misses."""
+        n, key = math.prod(shape), (slot, device, dtype, torch.is_inference_mode_enabled())
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self._scratch[key] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
+
     def _add(self, key: tuple[str, int], x: torch.Tensor) -> None:
         # Per-batch sums in float32 (a few thousand tokens: ~1e-7 relative error, 3x faster
-        # than float64 reductions), accumulated across batches in float64.
-        f64 = torch.float64
-        a = x.abs()
-        parts = {
-            "sum": x.sum(0).to(f64),
-            "sum_sq": x.square().sum(0).to(f64),
-            "sum_abs": a.sum(0).to(f64),
-            "count_pos": (x > 0).sum(0).to(f64),
-            "sum_sqrt": a.sqrt_().sum(0).to(f64),
-        }
-        if self.hist_bins:
-            lo, hi = self.hist_range
-            b = ((x - lo) * (self.hist_bins / (hi - lo))).floor().clamp_(0, self.hist_bins - 1).long()  # [tok, d]
-            flat = b + torch.arange(x.shape[1], device=x.device) * self.hist_bins
-            parts["hist"] = torch.bincount(flat.reshape(-1), minlength=x.shape[1] * self.hist_bins).to(f64)
+        # than float64 reductions), accumulated across batches in float64. The elementwise
+        # maps (x^2, |x|, sqrt|x|, x > 0) are written one after another into one reused
+        # buffer; x > 0 as float32 0/1, whose float32 sum is exact below 2^24 tokens and
+        # much faster than summing a bool tensor.
+        # All five land in one [FIELDS, d] float32 tensor, added to the float64 sums at once.
+        d = x.shape[1]
+        work = self._buffer(1, tuple(x.shape), x.device)
+        part = self._buffer(2, (len(FIELDS), d), x.device)
+        torch.sum(x, 0, out=part[_ROW["sum"]])
+        torch.sum(torch.mul(x, x, out=work), 0, out=part[_ROW["sum_sq"]])
+        torch.sum(torch.abs(x, out=work), 0, out=part[_ROW["sum_abs"]])
+        torch.sum(work.sqrt_(), 0, out=part[_ROW["sum_sqrt"]])
+        exact_count = x.shape[0] < 2**24
+        if exact_count:
+            torch.sum(torch.gt(x, 0, out=work), 0, out=part[_ROW["count_pos"]])
+        else:
+            part[_ROW["count_pos"]] = 0
         acc = self._acc.get(key)
         if acc is None:
-            self._acc[key] = parts
-        else:
-            for name, value in parts.items():
-                acc[name] += value
+            acc = self._acc[key] = torch.zeros((len(FIELDS), d), dtype=torch.float64, device=x.device)
+        acc += part
+        if not exact_count:
+            acc[_ROW["count_pos"]] += (x > 0).sum(0)
+        if self.hist_bins:
+            # bin of each value: floor((x - lo) * scale) clamped to [0, bins - 1], computed as
+            # clamp-then-truncate (the same integer for every value, inf included), in place;
+            # neuron j's bins are offset by j * bins for one bincount over all neurons
+            lo, hi = self.hist_range
+            bins = self.hist_bins
+            itype = torch.int32 if d * bins < 2**31 else torch.int64
+            torch.sub(x, lo, out=work).mul_(bins / (hi - lo)).clamp_(0, bins - 1)
+            idx = self._buffer(4, (x.shape[0], d), x.device, itype).copy_(work)  # [tok, d]
+            idx += torch.arange(0, d * bins, bins, device=x.device, dtype=itype)
+            hist = self._hist.get(key)
+            if hist is None:
+                hist = self._hist[key] = torch.zeros(d * bins, dtype=torch.float64, device=x.device)
+            hist += torch.bincount(idx.view(-1), minlength=d * bins)
 
     def result(self, meta: dict[str, Any] | None = None) -> ActivationStats:
         """Gather the sums on the CPU, one transfer per layer, and check them for NaN/inf."""
@@ -229,11 +259,12 @@ class StatsCollector:
         stats.n_tokens = self.n_tokens
         for (kind, layer), acc in self._acc.items():
             shape = self.sites.shape(kind)[1:]
+            acc = acc.cpu()
             for name in FIELDS:
-                stats.sums[kind][name][layer] = acc[name].cpu().reshape(shape)
+                stats.sums[kind][name][layer] = acc[_ROW[name]].reshape(shape)
             if self.hist_bins:
-                stats.hist[kind][layer] = acc["hist"].cpu().reshape(*shape, self.hist_bins)
-            if not all(math.isfinite(float(acc[n].sum())) for n in ("sum", "sum_sq")):
+                stats.hist[kind][layer] = self._hist[(kind, layer)].cpu().reshape(*shape, self.hist_bins)
+            if not all(math.isfinite(float(acc[_ROW[n]].sum())) for n in ("sum", "sum_sq")):
                 raise SelpruneError(
                     f"NaN or inf in the {kind} activations of layer {layer}: the model overflows in this dtype "
                     "or its weights are broken; try dtype='float32'"
