@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 METRICS = ("top1", "top10", "top1_skip", "top10_skip", "loss", "perplexity")
+_CHUNK_BYTES = 8 << 20  # on the CPU, float32 logits per chunk of rows (8 MiB: ~40 rows of a 49k vocabulary)
 
 
 def evaluate(
@@ -44,28 +45,46 @@ def _evaluate(model: nn.Module, windows: torch.Tensor, skip_ids: torch.Tensor | 
     n = 0  # targets, counted on the host
     sums = torch.zeros(5, dtype=torch.int64, device=device)  # top1, top10, n_skip, top1_skip, top10_skip
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    work = None  # [batch * pos, vocab] float32 scratch
+    scratch: dict[str, torch.Tensor] = {}  # float32 [rows, vocab] buffers, reused across chunks and batches
+
+    def buffer(name: str, rows: int, vocab: int) -> torch.Tensor:
+        buf = scratch.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != vocab:
+            buf = scratch[name] = torch.empty(rows, vocab, dtype=torch.float32, device=device)
+        return buf[:rows]
+
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
         ids = windows[start : start + batch_size].to(device)  # [batch, pos]
         logits = model(input_ids=ids, use_cache=False).logits  # [batch, pos, vocab]
         b, p, v = logits.shape
-        # Every row of the logits as they are (a view, no copy, when float32 and contiguous);
-        # the last position, which has no target, is dropped from the small per-row results.
-        flat = logits.float().reshape(b * p, v)
-        nxt = ids.roll(-1, dims=1)  # nxt[:, i] = ids[:, i + 1] (the last column wraps, and is dropped)
+        # Every row of the logits as they are (a view, no copy); the last position, which has
+        # no target, is dropped from the small per-row results.
+        flat = logits.reshape(b * p, v)
+        nxt = ids.roll(-1, dims=1).reshape(-1, 1)  # row i's target: ids[:, i + 1] (the last column wraps)
         target = ids[:, 1:]  # [batch, pos-1]
-        if work is None or work.shape[0] < b * p or work.shape[1] != v:
-            work = torch.empty(b * p, v, dtype=torch.float32, device=device)
-        w = work[: b * p]  # one logits-sized buffer reused across batches (a fresh one per batch costs page faults)
-        # rank of the target = number of logits above its own (no sort): a top-k hit iff rank < k
-        # (ties with the target count in its favour); a NaN target logit is never a hit
-        target_logit = flat.gather(1, nxt.reshape(-1, 1))  # [batch * pos, 1]
-        rank = torch.gt(flat, target_logit, out=w).sum(1).view(b, p)[:, :-1]  # float32 0/1 sums: exact
-        valid = ~target_logit.isnan().view(b, p)[:, :-1]
-        hit1, hit10 = (rank < 1) & valid, (rank < 10) & valid
-        # cross-entropy = -log_softmax at the target, computed into the same buffer
-        logp = torch.log_softmax(flat, -1, out=w).gather(1, nxt.reshape(-1, 1))  # [batch * pos, 1]
-        loss_sum -= logp.view(b, p)[:, :-1].double().sum()
+        k = min(10, v)
+        top10 = torch.empty(b * p, k, dtype=torch.long, device=device)
+        logp = torch.empty(b * p, 1, dtype=torch.float32, device=device)  # log-probability of the target
+        # Rows go through in chunks: on the CPU, of _CHUNK_BYTES of float32 logits, so that the
+        # log-probabilities (and a float32 upcast of other dtypes) live in small buffers that
+        # stay in cache, instead of a fresh logits-sized tensor per batch (allocation, page
+        # faults); elsewhere, the whole batch at once.
+        rows = max(1, _CHUNK_BYTES // (4 * v)) if device.type == "cpu" else b * p
+        for r in range(0, b * p, rows):
+            chunk = flat[r : r + rows]
+            m = chunk.shape[0]
+            if chunk.dtype != torch.float32:
+                chunk = buffer("upcast", rows, v)[:m].copy_(chunk)
+            # Top-10 by torch.topk (a partial selection, not a sort). Not replaced by counting
+            # the logits above the target's: on ties (frequent with bf16 logits) that counts a
+            # tied target as a hit where topk may leave it out, and the accuracies would change.
+            top10[r : r + m] = chunk.topk(k, dim=-1).indices
+            lsm = torch.log_softmax(chunk, -1, out=buffer("logp", rows, v)[:m])
+            torch.gather(lsm, 1, nxt[r : r + m], out=logp[r : r + m])
+        top10 = top10.view(b, p, k)[:, :-1]  # [batch, pos-1, 10]
+        hit1 = top10[..., 0] == target
+        hit10 = (top10 == target[..., None]).any(-1)
+        loss_sum -= logp.view(b, p)[:, :-1].double().sum()  # cross-entropy = -log_softmax at the target
         if skip_ids is not None and skip_table is None:
             skip = skip_ids.to(device)
             skip_table = torch.zeros(v, dtype=torch.bool, device=device)

@@ -1,0 +1,327 @@
+"""Throughput and memory of selprune's hot paths, measured in one run (issue #7).
+
+Usage::
+
+    .venv/bin/python benchmarks/bench.py [--tokens N] [--window W] [--batch-size B]
+        [--dtype D] [--device DEV] [--repeats R] [--threads T] [--out FILE]
+
+Runs the embedded model (`smollm2-135m`) on the bundled data (forget = `code`,
+retain = `prose`), never touching the network, and prints ONE JSON object to stdout
+(progress goes to stderr); `--out FILE` also writes it to FILE. It measures:
+
+- `collection`: tokens/s of `collect_stats` (every FF and attention hook installed)
+  against the plain forward of the same module it runs, the transformer body
+  (`getattr(model, model.base_model_prefix)`), over the same batches. Runs alternate
+  bare, hooked, bare, hooked, ... `--repeats` times each; medians are reported, and
+  `ratio` = hooked / bare throughput (1.0: the statistics cost nothing).
+- `evaluation`: tokens/s of `selprune.evaluate.evaluate` against the plain full-model
+  forward with logits (`model(input_ids=...)`) over the same batches, interleaved the
+  same way; `ratio` = evaluate / bare throughput.
+- `pruning_step`: seconds of one full pruning step by phase (collect both datasets,
+  score, prune, evaluate both), from `run_pruning(..., steps=1)` in a temporary
+  directory (`ff_frac` = `attn_frac` = 0.02); the model is restored afterwards.
+- `scaling`: `collect_stats` time at 1x, 2x and 4x the token budget on the forget
+  set, and each time's ratio to 1x (expected ~2 and ~4: linear in tokens).
+- `memory`: resident set size (RSS) at start, right after the model loads, and after
+  the data are loaded and one warm-up forward has run (the weights are memory-mapped:
+  only a first forward makes them resident, so `*_over_load_*` includes them), and the
+  peak RSS sampled (every 2 ms, in a background thread) during the 1x and 4x
+  collections. `collect_extra_*` is that peak minus the RSS after the warm-up; it
+  should not grow with the budget (`extra_ratio_4x_1x` ~1): the statistics are
+  O(neurons), the activations O(batch), never O(tokens). Sampling can miss
+  allocations that live under 2 ms; `ru_maxrss_mb` is the process's all-time peak.
+
+`--tokens` is the 1x budget per dataset (collection and evaluation), `--window` the
+tokens per window, `--batch-size` windows per forward pass, `--dtype` the model's dtype
+(`auto`, `float32`, `bfloat16`, `float16`), `--threads` torch's intra-op threads
+(default: torch's own choice). Timings are wall-clock and need a quiet machine; a
+run with the defaults takes a few minutes on 2 CPU cores. A tiny budget (e.g.
+`--tokens 256 --window 64 --batch-size 2 --repeats 1`) checks that it runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: the model and data are local
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from selprune.evaluate import evaluate  # noqa: E402
+from selprune.loop import PruneConfig, prepare_data, run_pruning  # noqa: E402
+from selprune.models import _cpu_name, load_model  # noqa: E402
+from selprune.sites import find_sites  # noqa: E402
+from selprune.stats import collect_stats  # noqa: E402
+from selprune.texts import load_texts, token_windows, top_tokens  # noqa: E402
+
+MB = 1024 * 1024
+
+
+# --------------------------------------------------------------------------- memory
+def rss_bytes() -> tuple[int, str]:
+    """The current resident set size, and how it was read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"), "/proc/self/statm"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss, "psutil"
+    except ImportError:  # last resort: the all-time peak (monotonic), in KiB on Linux, bytes on macOS
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak * (1 if sys.platform == "darwin" else 1024), "ru_maxrss"
+
+
+class PeakRss:
+    """Peak RSS over a `with` block, sampled every `interval` seconds in a thread."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.start = self.peak = rss_bytes()[0]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss_bytes()[0])
+
+    def __enter__(self) -> PeakRss:
+        self.start = self.peak = rss_bytes()[0]
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes()[0])
+
+
+# --------------------------------------------------------------------------- timing
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of one call, with the device drained before and after."""
+    gc.collect()
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Time each function `repeats` times, alternating between them (a, b, a, b, ...)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    return times
+
+
+def throughput(times: dict[str, list[float]], tokens: int, bare: str, other: str) -> dict[str, Any]:
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    return {
+        "tokens": tokens,
+        f"{bare}_tokens_per_s": tokens / med[bare],
+        f"{other}_tokens_per_s": tokens / med[other],
+        "ratio": med[bare] / med[other],  # other / bare throughput
+        f"{bare}_seconds": times[bare],
+        f"{other}_seconds": times[other],
+    }
+
+
+def _batches(windows: torch.Tensor, batch_size: int, device: torch.device):
+    for start in range(0, len(windows), batch_size):
+        yield windows[start : start + batch_size].to(device)
+
+
+def _round(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return float(f"{obj:.6g}")
+    if isinstance(obj, dict):
+        return {k: _round(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_round(v) for v in obj]
+    return obj
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=4096, help="1x token budget per dataset (default 4096)")
+    p.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16 (default auto)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats per throughput (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--model", default="smollm2-135m", help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help="also write the JSON to this file")
+    args = p.parse_args(argv)
+    if args.tokens < args.window:
+        p.error(f"--tokens {args.tokens} is below one window ({args.window})")
+    if min(args.window, args.batch_size, args.repeats) < 1 or (args.threads is not None and args.threads < 1):
+        p.error("--window, --batch-size, --repeats and --threads must be positive")
+    return args
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    forget, retain = "code", "prose"
+    rss_start, rss_method = rss_bytes()
+
+    log(f"loading {args.model} ({args.dtype})")
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    load_s = time.perf_counter() - t0
+    rss_load = rss_bytes()[0]
+    device = next(model.parameters()).device
+    sites = find_sites(model)
+    body = getattr(model, model.base_model_prefix, model)
+
+    n1 = args.tokens // args.window  # windows at 1x
+    train = token_windows(load_texts(forget, "train"), tok, args.window, 4 * n1 * args.window, seed=0)
+    test = token_windows(load_texts(forget, "test"), tok, args.window, n1 * args.window, seed=0)
+    skip = top_tokens(train[:n1], 50)
+    budgets = {1: train[:n1], 2: train[: 2 * n1], 4: train}
+    tokens = n1 * args.window
+
+    def bare_body(w: torch.Tensor = budgets[1]) -> None:
+        with torch.inference_mode():
+            for ids in _batches(w, args.batch_size, device):
+                body(input_ids=ids, use_cache=False)
+
+    def bare_full(w: torch.Tensor = test) -> None:
+        with torch.inference_mode():
+            for ids in _batches(w, args.batch_size, device):
+                _ = model(input_ids=ids, use_cache=False).logits  # the logits are part of the cost
+
+    def collect(w: torch.Tensor = budgets[1]) -> None:
+        collect_stats(model, sites, w, args.batch_size, progress=False)
+
+    def evaluate_test() -> None:
+        evaluate(model, test, skip, args.batch_size, progress=False)
+
+    log("warm-up")
+    model.eval()
+    bare_body(budgets[1][: args.batch_size])
+    bare_full(test[: args.batch_size])
+    collect(budgets[1][: args.batch_size])
+    gc.collect()
+    rss_warm = rss_bytes()[0]  # weights are mmapped: only a first forward makes them resident
+
+    log("collection at 1x, 2x, 4x the budget, with memory sampling")
+    scaling: dict[int, float] = {}
+    peaks: dict[int, PeakRss] = {}
+    for mult in (1, 4, 2):  # 1x and 4x first, so their memory is measured before anything else grows it
+        gc.collect()
+        with PeakRss() as peak:
+            scaling[mult] = timed(lambda w=budgets[mult]: collect(w), device)
+        peaks[mult] = peak
+
+    log(f"collection throughput, {args.repeats} interleaved repeats")
+    collection = throughput(interleaved({"bare": bare_body, "hooked": collect}, args.repeats, device),
+                            tokens, "bare", "hooked")
+    log(f"evaluation throughput, {args.repeats} interleaved repeats")
+    evaluation = throughput(interleaved({"bare": bare_full, "evaluate": evaluate_test}, args.repeats, device),
+                            tokens, "bare", "evaluate")
+
+    log("one pruning step")
+    cfg = PruneConfig(model=args.model, forget=forget, retain=retain, ff_frac=0.02, attn_frac=0.02, steps=1,
+                      collect_tokens=tokens, eval_tokens=tokens, window=args.window, batch_size=args.batch_size,
+                      dtype=args.dtype)
+    t0 = time.perf_counter()
+    data = prepare_data(cfg, tok)
+    prepare_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="selprune-bench-") as run_dir:
+        t0 = time.perf_counter()
+        records, pruner = run_pruning(cfg, run_dir, model, tok, data=data, progress=False)
+        step_total = time.perf_counter() - t0
+        pruner.restore()
+    secs = records[1]["seconds"]
+    pruning_step = {
+        "tokens_per_dataset": tokens,
+        **{phase: secs[phase] for phase in ("collect", "score", "prune", "eval")},
+        "total": sum(secs.values()),
+        "eval_unpruned": records[0]["seconds"]["eval"],  # step 0, outside the step
+        "run_pruning_wall": step_total,
+        "prepare_data": prepare_s,
+    }
+
+    extra = {m: (peaks[m].peak - rss_warm) / MB for m in (1, 4)}
+    return {
+        "benchmark": "selprune hot paths (benchmarks/bench.py)",
+        "config": {
+            "model": args.model, "forget": forget, "retain": retain,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "dtype_arg": args.dtype,
+            "device": str(device), "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "cpu": _cpu_name(), "tokens": tokens, "window": args.window, "batch_size": args.batch_size,
+            "repeats": args.repeats, "load_seconds": load_s,
+        },
+        "collection": collection,
+        "evaluation": evaluation,
+        "pruning_step": pruning_step,
+        "scaling": {
+            "tokens": [tokens * m for m in (1, 2, 4)],
+            "seconds": [scaling[m] for m in (1, 2, 4)],
+            "ratio_to_1x": [scaling[m] / scaling[1] for m in (1, 2, 4)],
+        },
+        "memory": {
+            "method": rss_method,
+            "rss_start_mb": rss_start / MB,
+            "rss_after_load_mb": rss_load / MB,
+            "rss_after_warmup_mb": rss_warm / MB,
+            "collect_peak_rss_1x_mb": peaks[1].peak / MB,
+            "collect_peak_rss_4x_mb": peaks[4].peak / MB,
+            "collect_peak_over_load_1x_mb": (peaks[1].peak - rss_load) / MB,
+            "collect_peak_over_load_4x_mb": (peaks[4].peak - rss_load) / MB,
+            "collect_extra_1x_mb": extra[1],
+            "collect_extra_4x_mb": extra[4],
+            "extra_ratio_4x_1x": extra[4] / extra[1] if extra[1] > 0 else None,
+            "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / MB,
+        },
+        "total_seconds": time.perf_counter() - t_start,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = _round(run(args))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""benchmarks/bench.py runs end to end on a tiny budget and prints one well-formed JSON object.
+
+Not a timed test: it checks the keys and that the measurements are positive numbers, never
+the throughput ratios (those need a quiet machine and a real budget).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks" / "bench.py"
+TINY = ["--tokens", "256", "--window", "64", "--batch-size", "2", "--repeats", "1", "--threads", "1",
+        "--dtype", "float32"]
+
+
+def _run(args: list[str], real_cache: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SELPRUNE_CACHE": str(real_cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(BENCH), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def test_tiny_benchmark_prints_well_formed_json(tmp_path, real_cache) -> None:
+    out = tmp_path / "bench.json"
+    proc = _run([*TINY, "--out", str(out)], real_cache)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout)  # stdout holds exactly one JSON object (progress goes to stderr)
+    assert json.loads(out.read_text()) == result
+
+    assert {"config", "collection", "evaluation", "pruning_step", "scaling", "memory", "total_seconds"} <= set(result)
+    cfg = result["config"]
+    assert cfg["dtype"] == "float32" and cfg["threads"] == 1 and cfg["tokens"] == 256
+    assert (cfg["window"], cfg["batch_size"], cfg["repeats"]) == (64, 2, 1)
+    assert (cfg["forget"], cfg["retain"]) == ("code", "prose")
+    assert isinstance(cfg["torch"], str) and cfg["torch"]
+
+    for section, other in (("collection", "hooked"), ("evaluation", "evaluate")):
+        r = result[section]
+        assert r["tokens"] == 256
+        for key in ("bare_tokens_per_s", f"{other}_tokens_per_s", "ratio"):
+            assert _positive(r[key]), (section, key, r[key])
+        for key in ("bare_seconds", f"{other}_seconds"):
+            assert len(r[key]) == 1 and all(_positive(t) for t in r[key]), (section, key)
+
+    step = result["pruning_step"]
+    for phase in ("collect", "score", "prune", "eval", "total", "eval_unpruned"):
+        assert _positive(step[phase]), (phase, step[phase])
+    assert step["total"] >= 0.999 * (step["collect"] + step["eval"])  # the sum of the phases (rounded)
+
+    scaling = result["scaling"]
+    assert scaling["tokens"] == [256, 512, 1024]
+    assert len(scaling["seconds"]) == 3 and all(_positive(t) for t in scaling["seconds"])
+    assert scaling["ratio_to_1x"][0] == 1.0 and all(_positive(r) for r in scaling["ratio_to_1x"])
+
+    mem = result["memory"]
+    for key in ("rss_start_mb", "rss_after_load_mb", "rss_after_warmup_mb", "collect_peak_rss_1x_mb",
+                "collect_peak_rss_4x_mb", "ru_maxrss_mb"):
+        assert _positive(mem[key]), (key, mem[key])
+    for key in ("collect_extra_1x_mb", "collect_extra_4x_mb"):  # a difference: may be 0 or slightly negative
+        assert isinstance(mem[key], int | float) and math.isfinite(mem[key])
+    assert _positive(result["total_seconds"])
+
+
+def test_budget_below_one_window_is_refused(real_cache) -> None:
+    proc = _run(["--tokens", "32", "--window", "64"], real_cache, timeout=300)
+    assert proc.returncode == 2 and "below one window" in proc.stderr
+    assert proc.stdout == ""
