@@ -122,11 +122,12 @@ def prepare_data(cfg: PruneConfig, tokenizer: PreTrainedTokenizerBase) -> Data:
     return d
 
 
-def _evaluate_both(model: nn.Module, data: Data, cfg: PruneConfig, progress: bool) -> dict[str, dict[str, float]]:
+def evaluate_both(model: nn.Module, data: Data, batch_size: int, progress: bool) -> dict[str, dict[str, float]]:
+    """Metrics of forget and retain on their test windows, each with its skip set."""
     return {
         # a hand-made Data without skip sets: the skip metrics equal the plain ones
-        "forget": evaluate(model, data.forget_test, data.skip.get("forget"), cfg.batch_size, progress, "eval forget"),
-        "retain": evaluate(model, data.retain_test, data.skip.get("retain"), cfg.batch_size, progress, "eval retain"),
+        "forget": evaluate(model, data.forget_test, data.skip.get("forget"), batch_size, progress, "eval forget"),
+        "retain": evaluate(model, data.retain_test, data.skip.get("retain"), batch_size, progress, "eval retain"),
     }
 
 
@@ -231,7 +232,7 @@ def run_pruning(
             pruner.prune(kind, new[kind], values[kind])
     if not records:  # step 0: the unpruned model (`base`, if given, saves evaluating it again)
         t0 = time.perf_counter()
-        metrics = {"forget": base["forget"], "retain": base["retain"]} if base else _evaluate_both(model, data, cfg, progress)
+        metrics = {"forget": base["forget"], "retain": base["retain"]} if base else evaluate_both(model, data, cfg.batch_size, progress)
         records.append({"step": 0, "fraction": {k: 0.0 for k in KINDS}, "pruned_per_layer": masks_summary(pruner.masks),
                         **metrics, "seconds": {"eval": time.perf_counter() - t0}})
         rd.save_records(records)
@@ -267,7 +268,7 @@ def run_pruning(
             pruner.prune(kind, new[kind], values[kind])
         secs["prune"] = time.perf_counter() - t
         t = time.perf_counter()
-        metrics = _evaluate_both(model, data, cfg, progress)
+        metrics = evaluate_both(model, data, cfg.batch_size, progress)
         secs["eval"] = time.perf_counter() - t
         rd.save_step(step, new, values)
         records.append({"step": step, "fraction": {k: pruner.fraction(k) for k in KINDS},

@@ -36,8 +36,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from selprune.errors import SelpruneError
-from selprune.evaluate import evaluate
-from selprune.loop import Data, PruneConfig, RunDir
+from selprune.loop import Data, PruneConfig, RunDir, evaluate_both
 from selprune.prune import Pruner
 from selprune.sites import KINDS, NeuronSites, find_sites
 
@@ -205,10 +204,7 @@ def _attach_lora(model: nn.Module, cfg: RetrainConfig):
 
 def _evaluate_both(model: nn.Module, data: Data, cfg: RetrainConfig, progress: bool) -> dict[str, dict[str, float]]:
     model.eval()
-    return {
-        "forget": evaluate(model, data.forget_test, data.skip.get("forget"), cfg.eval_batch_size, progress, "eval forget"),
-        "retain": evaluate(model, data.retain_test, data.skip.get("retain"), cfg.eval_batch_size, progress, "eval retain"),
-    }
+    return evaluate_both(model, data, cfg.eval_batch_size, progress)
 
 
 def retrain(

@@ -38,6 +38,7 @@ from selprune.errors import SelpruneError
 from selprune.loop import (
     Data,
     PruneConfig,
+    evaluate_both,
     forget_drop_at_retain_drop,
     prepare_data,
     run_pruning,
@@ -259,11 +260,7 @@ class Series:
         f = self.run_dir / "base.json"
         if f.exists():
             return read_json(f)
-        from selprune.evaluate import evaluate
-
-        d, b = self.data, self.p["batch_size"]
-        base = {"forget": evaluate(self.model, d.forget_test, d.skip["forget"], b, self.progress, "eval forget"),
-                "retain": evaluate(self.model, d.retain_test, d.skip["retain"], b, self.progress, "eval retain")}
+        base = evaluate_both(self.model, self.data, self.p["batch_size"], self.progress)
         atomic_write_json(f, base)
         return base
 
