@@ -13,7 +13,8 @@ retain = `prose`), never touching the network, and prints ONE JSON object to std
   against the plain forward of the same module it runs, the transformer body
   (`getattr(model, model.base_model_prefix)`), over the same batches. Runs alternate
   bare, hooked, bare, hooked, ... `--repeats` times each; medians are reported, and
-  `ratio` = hooked / bare throughput (1.0: the statistics cost nothing).
+  `ratio` = hooked / bare throughput (1.0: the statistics cost nothing); `ratio_cpu` is
+  the same from process CPU time, which other processes disturb less than wall-clock.
 - `evaluation`: tokens/s of `selprune.evaluate.evaluate` against the plain full-model
   forward with logits (`model(input_ids=...)`) over the same batches, interleaved the
   same way; `ratio` = evaluate / bare throughput.
@@ -23,13 +24,18 @@ retain = `prose`), never touching the network, and prints ONE JSON object to std
 - `scaling`: `collect_stats` time at 1x, 2x and 4x the token budget on the forget
   set, and each time's ratio to 1x (expected ~2 and ~4: linear in tokens).
 - `memory`: resident set size (RSS) at start, right after the model loads, and after
-  the data are loaded and one warm-up forward has run (the weights are memory-mapped:
-  only a first forward makes them resident, so `*_over_load_*` includes them), and the
-  peak RSS sampled (every 2 ms, in a background thread) during the 1x and 4x
-  collections. `collect_extra_*` is that peak minus the RSS after the warm-up; it
-  should not grow with the budget (`extra_ratio_4x_1x` ~1): the statistics are
-  O(neurons), the activations O(batch), never O(tokens). Sampling can miss
-  allocations that live under 2 ms; `ru_maxrss_mb` is the process's all-time peak.
+  the data are loaded and warm-up passes have run, and the peak RSS sampled (every 2 ms,
+  in a background thread) during the 1x and 4x collections (`*_over_load_*`: that peak
+  minus the RSS after load). The weights are memory-mapped files: they become resident
+  on first use (so `*_over_load_*` includes them) and the kernel may drop and fault them
+  in again, so the same is given for the anonymous part of the RSS (`anon_*`, file pages
+  left out): the memory the process allocated. `collect_extra_{1,2,4}x_mb` is the peak
+  anonymous RSS of the collection at that budget minus that after the warm-up; it should
+  not grow with the budget (`extra_ratio_4x_1x` ~1 or below): the statistics are
+  O(neurons), the activations O(batch), never O(tokens). The C allocator adds noise of up
+  to a few hundred MB (heap it keeps or returns late, in any one of the runs): compare
+  the three, and trust a trend, not one number. Sampling can miss allocations that live
+  under 2 ms; `ru_maxrss_mb` is the process's all-time peak RSS.
 
 `--tokens` is the 1x budget per dataset (collection and evaluation), `--window` the
 tokens per window, `--batch-size` windows per forward pass, `--dtype` the model's dtype
@@ -48,6 +54,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
+import ctypes  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -74,55 +81,81 @@ MB = 1024 * 1024
 
 
 # --------------------------------------------------------------------------- memory
-def rss_bytes() -> tuple[int, str]:
-    """The current resident set size, and how it was read."""
+def memory() -> tuple[int, int, str]:
+    """(resident set size, its anonymous part, how they were read), in bytes.
+
+    The anonymous part leaves out file-backed pages, chiefly the memory-mapped weights,
+    which become resident on first use and which the kernel may reclaim and fault in
+    again: it is the memory the process itself allocated (activations, buffers, sums)."""
     try:
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"), "/proc/self/statm"
+            fields = f.read().split()
+        page = os.sysconf("SC_PAGE_SIZE")
+        return int(fields[1]) * page, (int(fields[1]) - int(fields[2])) * page, "/proc/self/statm"
     except (OSError, ValueError, IndexError):
         pass
     try:
         import psutil
 
-        return psutil.Process().memory_info().rss, "psutil"
-    except ImportError:  # last resort: the all-time peak (monotonic), in KiB on Linux, bytes on macOS
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak * (1 if sys.platform == "darwin" else 1024), "ru_maxrss"
+        info = psutil.Process().memory_info()
+        return info.rss, info.rss - getattr(info, "shared", 0), "psutil"
+    except ImportError:  # last resort: the all-time peak (monotonic)
+        peak = _ru_maxrss()
+        return peak, peak, "ru_maxrss"
 
 
-class PeakRss:
-    """Peak RSS over a `with` block, sampled every `interval` seconds in a thread."""
+def _ru_maxrss() -> int:
+    """The process's all-time peak RSS in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def _malloc_trim() -> None:
+    """Hand the C heap's free memory back to the system (glibc only), so that each memory
+    window starts from the same state rather than from whatever the allocator kept."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak RSS and peak anonymous RSS over a `with` block, sampled every `interval`
+    seconds in a background thread."""
 
     def __init__(self, interval: float = 0.002) -> None:
         self.interval = interval
-        self.start = self.peak = rss_bytes()[0]
+        self.peak = self.peak_anon = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self) -> None:
+        rss, anon, _ = memory()
+        self.peak, self.peak_anon = max(self.peak, rss), max(self.peak_anon, anon)
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, rss_bytes()[0])
+            self._sample()
 
-    def __enter__(self) -> PeakRss:
-        self.start = self.peak = rss_bytes()[0]
+    def __enter__(self) -> PeakMemory:
+        self._sample()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_bytes()[0])
+        self._sample()
 
 
 # --------------------------------------------------------------------------- timing
-def timed(fn: Callable[[], Any], device: torch.device) -> float:
-    """Seconds of one call, with the device drained before and after."""
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one call, with the device drained before and after."""
     gc.collect()
     _sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     _sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def _sync(device: torch.device) -> None:
@@ -130,24 +163,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, list[float]]:
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
+                device: torch.device) -> dict[str, list[tuple[float, float]]]:
     """Time each function `repeats` times, alternating between them (a, b, a, b, ...)."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             times[name].append(timed(fn, device))
     return times
 
 
-def throughput(times: dict[str, list[float]], tokens: int, bare: str, other: str) -> dict[str, Any]:
-    med = {name: statistics.median(ts) for name, ts in times.items()}
+def throughput(times: dict[str, list[tuple[float, float]]], tokens: int, bare: str, other: str) -> dict[str, Any]:
+    wall = {name: [w for w, _ in ts] for name, ts in times.items()}
+    cpu = {name: [c for _, c in ts] for name, ts in times.items()}
+    med = {name: statistics.median(ts) for name, ts in wall.items()}
+    med_cpu = {name: statistics.median(ts) for name, ts in cpu.items()}
     return {
         "tokens": tokens,
         f"{bare}_tokens_per_s": tokens / med[bare],
         f"{other}_tokens_per_s": tokens / med[other],
-        "ratio": med[bare] / med[other],  # other / bare throughput
-        f"{bare}_seconds": times[bare],
-        f"{other}_seconds": times[other],
+        "ratio": med[bare] / med[other],  # other / bare throughput, by wall-clock medians
+        "ratio_cpu": med_cpu[bare] / med_cpu[other],  # the same by process CPU time (less hit by other load)
+        f"{bare}_seconds": wall[bare],
+        f"{other}_seconds": wall[other],
+        f"{bare}_cpu_seconds": cpu[bare],
+        f"{other}_cpu_seconds": cpu[other],
     }
 
 
@@ -195,13 +235,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     forget, retain = "code", "prose"
-    rss_start, rss_method = rss_bytes()
+    rss_start, anon_start, rss_method = memory()
 
     log(f"loading {args.model} ({args.dtype})")
     t0 = time.perf_counter()
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     load_s = time.perf_counter() - t0
-    rss_load = rss_bytes()[0]
+    rss_load, anon_load, _ = memory()
     device = next(model.parameters()).device
     sites = find_sites(model)
     body = getattr(model, model.base_model_prefix, model)
@@ -235,15 +275,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bare_full(test[: args.batch_size])
     collect(budgets[1][: args.batch_size])
     gc.collect()
-    rss_warm = rss_bytes()[0]  # weights are mmapped: only a first forward makes them resident
+    _malloc_trim()
+    rss_warm, anon_warm, _ = memory()  # weights are mmapped: only a first forward makes them resident
 
     log("collection at 1x, 2x, 4x the budget, with memory sampling")
     scaling: dict[int, float] = {}
-    peaks: dict[int, PeakRss] = {}
+    peaks: dict[int, PeakMemory] = {}
     for mult in (1, 4, 2):  # 1x and 4x first, so their memory is measured before anything else grows it
         gc.collect()
-        with PeakRss() as peak:
-            scaling[mult] = timed(lambda w=budgets[mult]: collect(w), device)
+        _malloc_trim()
+        with PeakMemory() as peak:
+            scaling[mult] = timed(lambda w=budgets[mult]: collect(w), device)[0]
         peaks[mult] = peak
 
     log(f"collection throughput, {args.repeats} interleaved repeats")
@@ -275,7 +317,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "prepare_data": prepare_s,
     }
 
-    extra = {m: (peaks[m].peak - rss_warm) / MB for m in (1, 4)}
+    extra = {m: (peaks[m].peak_anon - anon_warm) / MB for m in (1, 2, 4)}
     return {
         "benchmark": "selprune hot paths (benchmarks/bench.py)",
         "config": {
@@ -303,10 +345,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "collect_peak_rss_4x_mb": peaks[4].peak / MB,
             "collect_peak_over_load_1x_mb": (peaks[1].peak - rss_load) / MB,
             "collect_peak_over_load_4x_mb": (peaks[4].peak - rss_load) / MB,
+            "anon_start_mb": anon_start / MB,
+            "anon_after_load_mb": anon_load / MB,
+            "anon_after_warmup_mb": anon_warm / MB,
+            "collect_peak_anon_1x_mb": peaks[1].peak_anon / MB,
+            "collect_peak_anon_4x_mb": peaks[4].peak_anon / MB,
             "collect_extra_1x_mb": extra[1],
+            "collect_extra_2x_mb": extra[2],
             "collect_extra_4x_mb": extra[4],
             "extra_ratio_4x_1x": extra[4] / extra[1] if extra[1] > 0 else None,
-            "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / MB,
+            "ru_maxrss_mb": _ru_maxrss() / MB,
         },
         "total_seconds": time.perf_counter() - t_start,
     }

@@ -46,9 +46,9 @@ def test_tiny_benchmark_prints_well_formed_json(tmp_path, real_cache) -> None:
     for section, other in (("collection", "hooked"), ("evaluation", "evaluate")):
         r = result[section]
         assert r["tokens"] == 256
-        for key in ("bare_tokens_per_s", f"{other}_tokens_per_s", "ratio"):
+        for key in ("bare_tokens_per_s", f"{other}_tokens_per_s", "ratio", "ratio_cpu"):
             assert _positive(r[key]), (section, key, r[key])
-        for key in ("bare_seconds", f"{other}_seconds"):
+        for key in ("bare_seconds", f"{other}_seconds", "bare_cpu_seconds", f"{other}_cpu_seconds"):
             assert len(r[key]) == 1 and all(_positive(t) for t in r[key]), (section, key)
 
     step = result["pruning_step"]
@@ -63,9 +63,10 @@ def test_tiny_benchmark_prints_well_formed_json(tmp_path, real_cache) -> None:
 
     mem = result["memory"]
     for key in ("rss_start_mb", "rss_after_load_mb", "rss_after_warmup_mb", "collect_peak_rss_1x_mb",
-                "collect_peak_rss_4x_mb", "ru_maxrss_mb"):
+                "collect_peak_rss_4x_mb", "anon_after_load_mb", "anon_after_warmup_mb", "collect_peak_anon_1x_mb",
+                "collect_peak_anon_4x_mb", "ru_maxrss_mb"):
         assert _positive(mem[key]), (key, mem[key])
-    for key in ("collect_extra_1x_mb", "collect_extra_4x_mb"):  # a difference: may be 0 or slightly negative
+    for key in ("collect_extra_1x_mb", "collect_extra_2x_mb", "collect_extra_4x_mb"):  # differences: may be <= 0
         assert isinstance(mem[key], int | float) and math.isfinite(mem[key])
     assert _positive(result["total_seconds"])
 
