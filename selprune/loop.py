@@ -10,10 +10,17 @@ Each finished step is recorded atomically: first `step_NNN.safetensors` (the neu
 pruned and their ablation constants), then `records.json`. A rerun with the same
 `run_dir` replays the finished steps and continues, so an interrupted run loses at most
 the step in progress. A run directory made with other parameters is refused.
+
+The same code runs data-parallel under torch.distributed (`selprune.distributed`, launched
+by `torchrun ... selprune prune`): every rank holds the model and the same windows,
+collection and evaluation split the windows and add the sums over ranks, so every rank
+scores, selects and prunes identically (rank 0's selection is broadcast to make sure);
+rank 0 alone reads and writes the run directory and hands what it read to the others.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +33,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from selprune import distributed
 from selprune.errors import SelpruneError
 from selprune.evaluate import evaluate
 from selprune.paths import atomic_write_bytes, atomic_write_json
@@ -217,17 +225,29 @@ def run_pruning(
     """
     cfg.validate()
     torch.manual_seed(cfg.seed)
-    rd = RunDir(run_dir, cfg)
     sites = find_sites(model)
     pruner = Pruner(model, sites)
+    rd: RunDir | None = None  # rank 0's; the other ranks of a distributed run never touch the folder
+
+    def open_run() -> tuple[list[dict[str, Any]], list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]]]:
+        nonlocal rd
+        rd = RunDir(run_dir, cfg)
+        records = rd.records()[: cfg.steps + 1]  # a rerun with fewer steps: the first `steps`
+        return records, [rd.load_step(i) for i in range(1, len(records))]
+
+    def save(step: int, new: dict[str, torch.Tensor], values: dict[str, torch.Tensor | None]) -> None:
+        assert rd is not None  # on_main runs this on rank 0, which opened the run
+        if step:
+            rd.save_step(step, new, values)
+        rd.save_records(records)
+
+    records, finished = distributed.on_main(open_run)
     data = data or prepare_data(cfg, tokenizer)
-    records = rd.records()[: cfg.steps + 1]  # a rerun with fewer steps: the first `steps`
     meta = {"model": cfg.model, "window": cfg.window, "seed": cfg.seed}
     fixed_scores = None
     if cfg.mode == "one-shot":  # scores of the unpruned model, before any replay
         fixed_scores = _one_shot_scores(cfg, model, sites, data, meta, progress)
-    for i in range(1, len(records)):  # replay finished steps
-        new, values = rd.load_step(i)
+    for new, values in finished:  # replay finished steps
         for kind in KINDS:
             pruner.prune(kind, new[kind], values[kind])
     if not records:  # step 0: the unpruned model (`base`, if given, saves evaluating it again)
@@ -235,7 +255,7 @@ def run_pruning(
         metrics = {"forget": base["forget"], "retain": base["retain"]} if base else evaluate_both(model, data, cfg.batch_size, progress)
         records.append({"step": 0, "fraction": {k: 0.0 for k in KINDS}, "pruned_per_layer": masks_summary(pruner.masks),
                         **metrics, "seconds": {"eval": time.perf_counter() - t0}})
-        rd.save_records(records)
+        distributed.on_main(functools.partial(save, 0, {}, {}))
     base = records[0]
     for step in range(len(records), cfg.steps + 1):
         if _should_stop(cfg, records[-1], base):
@@ -260,8 +280,11 @@ def run_pruning(
         for kind in KINDS:
             frac = _fracs(cfg)[kind]
             heads = cfg.heads if kind == "attn" else None
-            new[kind] = select(scores[kind], frac, pruner.masks[kind], cfg.per_layer, heads)
+            # broadcast: every rank computed the same from the same sums; this makes it certain
+            new[kind] = distributed.broadcast_(select(scores[kind], frac, pruner.masks[kind], cfg.per_layer, heads))
             values[kind] = ablation_values(cfg.ablation, retain_stats, kind) if frac else None
+            if values[kind] is not None:
+                distributed.broadcast_(values[kind])
         secs["score"] = time.perf_counter() - t
         t = time.perf_counter()
         for kind in KINDS:
@@ -270,10 +293,9 @@ def run_pruning(
         t = time.perf_counter()
         metrics = evaluate_both(model, data, cfg.batch_size, progress)
         secs["eval"] = time.perf_counter() - t
-        rd.save_step(step, new, values)
         records.append({"step": step, "fraction": {k: pruner.fraction(k) for k in KINDS},
                         "pruned_per_layer": masks_summary(pruner.masks), **metrics, "seconds": secs})
-        rd.save_records(records)
+        distributed.on_main(functools.partial(save, step, new, values))
     return records, pruner
 
 

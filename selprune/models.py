@@ -97,6 +97,29 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def float64_device(device: torch.device) -> torch.device:
+    """Where float64 sums for activations on `device` live: on `device` itself, so that a
+    batch adds to them without a device-to-host copy, except on MPS, which has no float64
+    (there the sums live on the CPU and each batch's float32 partial sums are copied over)."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's input ids should be on: its input embedding's.
+
+    Not `next(model.parameters()).device`: with accelerate's `device_map` the first
+    parameter may sit elsewhere, and an offloaded embedding's weight is on the meta device
+    between forward passes, where its hook's execution device is the one that counts."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    param = weight if isinstance(weight, torch.Tensor) else next(model.parameters())
+    if param.device.type == "meta":
+        execution = getattr(getattr(emb, "_hf_hook", None), "execution_device", None)
+        if execution is not None:
+            return torch.device("cuda", execution) if isinstance(execution, int) else torch.device(execution)
+    return param.device
+
+
 def cpu_bf16_is_fast() -> bool:
     """Whether this CPU runs a bf16 matmul clearly faster than fp32 (measured once, cached).
 

@@ -8,6 +8,12 @@ Removing neuron j of a projection y = W x + b means its contribution W[:, j] x_j
 The original columns and biases are kept, so `restore()` gives bit-identical weights.
 The bias offset is accumulated in float64 and written as original + offset, so many
 small steps in bf16 do not pile up rounding error.
+
+A model sharded by accelerate's `device_map` is pruned in place on each projection's own
+device. A model whose weights accelerate *offloads* (to the CPU or disk, loaded only for
+the duration of each forward pass) is refused: between passes its weights are on the meta
+device, so there is nothing to write into, and a write into accelerate's offload store
+would depend on its internals (lost outright for disk offload).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from selprune.errors import SelpruneError
+from selprune.models import float64_device
 from selprune.paths import atomic_write_bytes, atomic_write_json
 from selprune.sites import KINDS, NeuronSites, find_sites, out_features, weight_out_in
 from selprune.stats import ActivationStats
@@ -55,6 +62,8 @@ class Pruner:
     def __init__(self, model: nn.Module, sites: NeuronSites | None = None) -> None:
         self.model = model
         self.sites = sites or find_sites(model)
+        for kind in KINDS:
+            _check_resident(self.sites.modules(kind), kind)
         self.masks = {k: torch.zeros(self.sites.shape(k), dtype=torch.bool) for k in KINDS}
         self._columns: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []  # (module, idx, original cols)
         self._bias: dict[nn.Module, tuple[torch.Tensor | None, torch.Tensor]] = {}  # module -> (orig, offset f64)
@@ -81,6 +90,7 @@ class Pruner:
         if values is not None and tuple(values.shape) != tuple(self.masks[kind].shape):
             raise SelpruneError(f"{kind} ablation values have shape {tuple(values.shape)}, expected {tuple(self.masks[kind].shape)}")
         new = new.bool().cpu() & ~self.masks[kind]
+        _check_resident(self.sites.modules(kind), kind)  # before any write: all or nothing
         with torch.no_grad():
             for layer, module in enumerate(self.sites.modules(kind)):
                 idx = new[layer].reshape(-1).nonzero().squeeze(1)  # [n_new]
@@ -91,8 +101,9 @@ class Pruner:
                 cols = w[:, idx].clone()  # [out, n_new]
                 self._columns.append((module, idx, cols))
                 if values is not None:
-                    c = values[layer].reshape(-1)[idx.cpu()].to(w.device, torch.float64)  # [n_new]
-                    self._add_bias(module, cols.double() @ c)
+                    f64 = float64_device(w.device)  # w.device itself, except on MPS (no float64)
+                    c = values[layer].reshape(-1)[idx.cpu()].to(f64, torch.float64)  # [n_new]
+                    self._add_bias(module, cols.to(f64).double() @ c)
                 w[:, idx] = 0
         self.masks[kind] |= new
         return int(new.sum())
@@ -101,12 +112,13 @@ class Pruner:
         w = module.weight
         if module not in self._bias:
             orig = None if module.bias is None else module.bias.data.clone()
-            self._bias[module] = (orig, torch.zeros(out_features(module), dtype=torch.float64, device=w.device))
+            offset = torch.zeros(out_features(module), dtype=torch.float64, device=float64_device(w.device))
+            self._bias[module] = (orig, offset)
             if module.bias is None:
                 module.bias = nn.Parameter(torch.zeros(out_features(module), dtype=w.dtype, device=w.device))
         orig, offset = self._bias[module]
         offset += delta
-        base = torch.zeros_like(offset) if orig is None else orig.double()
+        base = torch.zeros_like(offset) if orig is None else orig.to(offset.device).double()
         module.bias.data.copy_((base + offset).to(module.bias.dtype))
 
     def restore(self) -> None:
@@ -129,6 +141,20 @@ class Pruner:
     @staticmethod
     def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
         return {k: t.bool() for k, t in load_file(str(path)).items()}
+
+
+def _check_resident(modules: list[nn.Module], kind: str) -> None:
+    """Refuse projections whose weights accelerate has offloaded (meta between passes)."""
+    for layer, module in enumerate(modules):
+        if module.weight.device.type == "meta":
+            raise SelpruneError(
+                f"the {kind} output projection of layer {layer} has its weights offloaded by accelerate "
+                "(a device_map entry 'disk', or 'cpu' on a machine with a GPU, or cpu_offload/disk_offload): "
+                "they live on the meta device between forward passes, so pruning cannot write into them. "
+                "Load the model with every layer resident: device_map='auto' over enough GPUs (check "
+                "model.hf_device_map for 'cpu'/'disk' entries; max_memory sets each GPU's share), or "
+                "device='cuda'/'cpu' without device_map"
+            )
 
 
 # ------------------------------------------------------------------------------ export

@@ -8,6 +8,10 @@ machines by addition, and memory is O(neurons), never O(tokens).
 Pruned neurons are read as removed: zeroing an output projection's input columns
 leaves its *input* unchanged, so the collection hook multiplies the activations by a
 keep-mask; otherwise a pruned neuron would keep its statistics and win the ranking again.
+
+Under torch.distributed (`selprune.distributed`), `collect_stats` runs this rank's shard of
+the windows and adds the sums over all ranks, so every rank gets the statistics of all the
+windows: the same as one process, up to the float64 order of adding batches.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from safetensors.torch import load_file, save
 from torch import nn
 from tqdm.auto import tqdm
 
+from selprune import distributed
 from selprune.errors import SelpruneError
+from selprune.models import float64_device, input_device
 from selprune.paths import atomic_write_bytes
 from selprune.sites import KINDS, NeuronSites
 
@@ -32,6 +38,10 @@ _ROW = {name: i for i, name in enumerate(FIELDS)}  # row of each field in a coll
 _TILE_BYTES = 3 << 19  # 1.5 MiB of float32 activations per tile on the CPU (256 tokens of 1536 neurons)
 _MAX_EXACT = (1 << 24) - 1  # float32 counts 0/1 exactly up to here: the most rows in one tile
 DEFAULT_HIST_RANGE = (-4.0, 4.0)
+# Devices whose histograms count with bincount: the fastest on the CPU, where its host read
+# of the largest index costs nothing, and on MPS, whose sums live on the CPU anyway.
+# Elsewhere (CUDA) an index_add_ counts without a device-to-host sync.
+_BINCOUNT_DEVICES = ("cpu", "mps")
 
 
 @dataclass
@@ -140,8 +150,10 @@ class StatsCollector:
     """Forward pre-hooks on every output projection that add each batch into the sums.
 
     Use as a context manager around forward passes; call `set_token_mask` before each
-    batch with padding. Sums stay on the activations' device until `result()`, so there
-    is no device-to-host copy per batch.
+    batch with padding. Sums stay on the activations' device until `result()` (each
+    layer's on its own device, for a model sharded over several), so there is no
+    device-to-host copy per batch (except on MPS, which has no float64: see
+    `models.float64_device`).
     """
 
     def __init__(
@@ -157,8 +169,8 @@ class StatsCollector:
         self.hist_range = hist_range
         self.n_tokens = 0
         self.token_mask: torch.Tensor | None = None  # [batch * pos] bool
-        self._acc: dict[tuple[str, int], torch.Tensor] = {}  # [FIELDS, d_in] float64 sums
-        self._hist: dict[tuple[str, int], torch.Tensor] = {}  # [d_in * hist_bins] float64 counts
+        self._acc: dict[tuple[str, int], torch.Tensor] = {}  # [FIELDS, d_in] float64 sums, on the layer's device
+        self._hist: dict[tuple[str, int], torch.Tensor] = {}  # [d_in * hist_bins] float64 counts, likewise
         self._keep: dict[tuple[str, int], torch.Tensor] = {}
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._handles: list[Any] = []
@@ -231,7 +243,7 @@ class StatsCollector:
         part = self._buffer(2, (len(FIELDS), d), x.device)
         acc = self._acc.get(key)
         if acc is None:
-            acc = self._acc[key] = torch.zeros((len(FIELDS), d), dtype=torch.float64, device=x.device)
+            acc = self._acc[key] = torch.zeros((len(FIELDS), d), dtype=torch.float64, device=float64_device(x.device))
         bins = self.hist_bins
         itype = torch.int32 if d * bins < 2**31 else torch.int64
         idx = self._buffer(4, (t, d), x.device, itype) if bins else None  # histogram bin of each value
@@ -248,25 +260,32 @@ class StatsCollector:
             torch.sum(torch.abs(xs, out=w), 0, out=part[_ROW["sum_abs"]])
             torch.sum(w.sqrt_(), 0, out=part[_ROW["sum_sqrt"]])
             torch.sum(torch.gt(xs, 0, out=w), 0, out=part[_ROW["count_pos"]])
-            acc += part
+            acc += part.to(acc.device)  # no copy unless the sums live elsewhere (MPS)
             if bins:
                 # floor((x - lo) * scale) clamped to [0, bins - 1], computed as clamp-then-
                 # truncate (the same integer for every value, inf included)
                 lo, hi = self.hist_range
                 torch.sub(xs, lo, out=w).mul_(bins / (hi - lo)).clamp_(0, bins - 1)
                 idx[start : start + n].copy_(w)
-        if bins:  # neuron j's bins are offset by j * bins: one bincount over all neurons
+        if bins:  # neuron j's bins are offset by j * bins: one count over all neurons
             idx += torch.arange(0, d * bins, bins, device=x.device, dtype=itype)
             hist = self._hist.get(key)
             if hist is None:
-                hist = self._hist[key] = torch.zeros(d * bins, dtype=torch.float64, device=x.device)
-            hist += torch.bincount(idx.view(-1), minlength=d * bins)
+                hist = self._hist[key] = torch.zeros(d * bins, dtype=torch.float64, device=float64_device(x.device))
+            if x.device.type in _BINCOUNT_DEVICES:
+                hist += torch.bincount(idx.view(-1), minlength=d * bins).to(hist.device)
+            else:  # bincount reads its largest index back to the host to size its output: a sync per batch
+                hist.index_add_(0, idx.view(-1), torch.ones((), dtype=hist.dtype, device=x.device).expand(t * d))
 
-    def result(self, meta: dict[str, Any] | None = None) -> ActivationStats:
-        """Gather the sums on the CPU, one transfer per layer, and check them for NaN/inf."""
+    def result(self, meta: dict[str, Any] | None = None, sum_over_ranks: bool = False) -> ActivationStats:
+        """Gather the sums on the CPU, one transfer per layer; with `sum_over_ranks`, add
+        them over the ranks of torch.distributed (each saw its own shard of the tokens; a
+        rank that saw none adds zeros), in one collective; then check them for NaN/inf.
+
+        The check comes after the sum so that every rank sees the same numbers and raises
+        the same error, rather than one rank failing while the others wait for it."""
         stats = empty_stats(self.sites, self.hist_bins)
         stats.hist_range = self.hist_range
-        stats.n_tokens = self.n_tokens
         for (kind, layer), acc in self._acc.items():
             shape = self.sites.shape(kind)[1:]
             acc = acc.cpu()
@@ -274,12 +293,18 @@ class StatsCollector:
                 stats.sums[kind][name][layer] = acc[_ROW[name]].reshape(shape)
             if self.hist_bins:
                 stats.hist[kind][layer] = self._hist[(kind, layer)].cpu().reshape(*shape, self.hist_bins)
-            if not all(math.isfinite(float(acc[_ROW[n]].sum())) for n in ("sum", "sum_sq")):
-                raise SelpruneError(
-                    f"NaN or inf in the {kind} activations of layer {layer}: the model overflows in this dtype "
-                    "or its weights are broken; try dtype='float32'"
-                )
-        stats.meta = dict(meta or {}, tokens=self.n_tokens)
+        count = torch.tensor([self.n_tokens], dtype=torch.int64)
+        if sum_over_ranks:
+            distributed.all_reduce_sum_([*(stats.sums[k][f] for k in KINDS for f in FIELDS), *stats.hist.values(), count])
+        stats.n_tokens = int(count)
+        for layer in range(self.sites.n_layers):
+            for kind in ("attn", "ff"):  # the order a block runs them in: the first bad one is named
+                if not all(bool(stats.sums[kind][n][layer].isfinite().all()) for n in ("sum", "sum_sq")):
+                    raise SelpruneError(
+                        f"NaN or inf in the {kind} activations of layer {layer}: the model overflows in this dtype "
+                        "or its weights are broken; try dtype='float32'"
+                    )
+        stats.meta = dict(meta or {}, tokens=stats.n_tokens)
         return stats
 
 
@@ -298,10 +323,14 @@ def collect_stats(
     """Run `windows` (`[n, window]` token ids) through the model and return the statistics.
 
     Only the transformer body runs (no LM head: statistics need no logits). `removed`
-    maps kind to a bool mask of pruned neurons, which read as zero.
+    maps kind to a bool mask of pruned neurons, which read as zero. `batch_size` windows
+    go through per forward pass: on a GPU, raise it until memory runs short (README,
+    "Scaling up"). Under torch.distributed, every rank passes the same `windows`, runs its
+    shard (`distributed.shard`) and gets the statistics of all of them.
     """
     body = getattr(model, model.base_model_prefix, model)
-    device = next(model.parameters()).device
+    device = input_device(model)
+    windows = distributed.shard(windows, batch_size)  # this rank's batches (all of them single-process)
     collector = StatsCollector(sites, removed, hist_bins, hist_range)
     was_training = model.training
     model.eval()  # no dropout noise in the statistics (a model built from a config starts in training mode)
@@ -313,4 +342,4 @@ def collect_stats(
                 body(input_ids=ids, use_cache=False)
     finally:
         model.train(was_training)
-    return collector.result(meta)
+    return collector.result(meta, sum_over_ranks=distributed.is_active())
