@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from selprune import prune_command
 from selprune.errors import SelpruneError
 from selprune.paths import read_json
 from selprune.series import PARAMS, Series
@@ -37,7 +38,43 @@ def _parser() -> argparse.ArgumentParser:
                    help="set one parameter (repeatable); overrides the file")
     r.add_argument("--out", help="run directory (same as -p run_dir DIR)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    sw = sub.add_parser(
+        "sweep",
+        help="run the pruning notebooks at every point of a sweep file and rank them in a leaderboard",
+        description="Run the pruning notebooks (03, 04) once per point of a sweep file, each into its own "
+        "folder under the sweep's out dir (finished points are skipped, so a rerun resumes), then write "
+        "leaderboard.csv and figures/leaderboard.png ranked by the forget top-1 drop at 10% retain top-1 drop. "
+        "Exit status 1 if a point failed, 2 for a bad sweep file.",
+        epilog="sweep file keys: out, base, variants, grid, seeds, keep_models (see sweeps/default.yaml)",
+    )
+    sw.add_argument("-f", "--file", type=Path, required=True, help="sweep file (YAML)")
+    sw.add_argument("--out", help="sweep folder (overrides the file's out:)")
+    sw.add_argument("--dry-run", action="store_true", help="list the points, their status and cost; run nothing")
+    sw.add_argument("--quiet", action="store_true", help="no progress bars or per-point lines")
+    prune_command.add_parser(sub)
     return ap
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """`selprune sweep`: the work is in selprune.sweep; this only parses and reports."""
+    from selprune import sweep
+
+    try:
+        sw = sweep.load_sweep(args.file, args.out)
+        if args.dry_run:
+            print(sweep.describe(sw))
+            return 0
+        rows = sweep.run_sweep(sw, progress=not args.quiet, log=(lambda msg: None) if args.quiet else None)
+    except SelpruneError as e:
+        print(f"selprune: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(sweep.format_top(rows))
+    print(f"\nleaderboard: {sw.out / 'leaderboard.csv'}, {sw.out / 'figures' / 'leaderboard.png'}")
+    if sw.failed:
+        print(f"selprune: error: {len(sw.failed)} of {len(sw.points)} points failed: {', '.join(sw.failed)} "
+              "(their errors are in the leaderboard; rerun the sweep to retry them)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _params(args: argparse.Namespace) -> dict:
@@ -63,6 +100,10 @@ def _params(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "sweep":
+        return _sweep(args)
+    if args.command == "prune":
+        return prune_command.main(args)
     from selprune.notebooks import run_series
 
     try:

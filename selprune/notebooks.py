@@ -34,13 +34,8 @@ def run_series(params: dict[str, Any], progress: bool = True, notebooks: tuple[s
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    p = resolve_params(params)
-    run_dir = Path(p["run_dir"]).resolve()
-    p["run_dir"] = str(run_dir)
-    for name, registry in (("model", MODELS), ("forget", DATASETS), ("retain", DATASETS)):
-        local = Path(p[name]).expanduser()  # kernels run in notebooks/: relative paths would miss
-        if p[name] not in registry and local.exists():
-            p[name] = str(local.resolve())
+    p = kernel_params(params)
+    run_dir = Path(p["run_dir"])
     Series(progress=False, **p)  # validate parameters (and the run directory) before starting a kernel
     out_dir = run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -65,6 +60,19 @@ def run_series(params: dict[str, Any], progress: bool = True, notebooks: tuple[s
             ) from e
         tmp.replace(out_dir / name)
     return run_dir
+
+
+def kernel_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The parameters as the kernels get them (and params.json records them): resolved,
+    with `run_dir` and local model/dataset paths made absolute, since kernels run in
+    notebooks/ where relative paths would miss."""
+    p = resolve_params(params)
+    p["run_dir"] = str(Path(p["run_dir"]).resolve())
+    for name, registry in (("model", MODELS), ("forget", DATASETS), ("retain", DATASETS)):
+        local = Path(p[name]).expanduser()
+        if p[name] not in registry and local.exists():
+            p[name] = str(local.resolve())
+    return p
 
 
 class _environ:
@@ -114,6 +122,11 @@ def regenerate(notebooks: tuple[str, ...] = NOTEBOOKS, timeout: int = 1800) -> N
             tmp = path.with_suffix(".tmp")
             nbformat.write(clean(nb), tmp)
             tmp.replace(path)
+    if tuple(notebooks) == NOTEBOOKS:  # the whole series ran: its figures become the stored key figures
+        from selprune.key_metrics import KEY_METRICS_FILE, record
+
+        record(STORED_RUN_DIR / "results.json")
+        print(f"selprune: key figures in {KEY_METRICS_FILE}", file=sys.stderr)
 
 
 if __name__ == "__main__":
