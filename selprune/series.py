@@ -7,7 +7,7 @@ alone once its predecessors have:
     params.json                  the parameters (a rerun with other ones is refused)
     base.json                    metrics of the unpruned model (shared by every run)
     stats/{forget,retain}.safetensors   01: statistics of the unpruned model
-    ff/ random/ attn/ attn_heads/       03, 04: resumable pruning runs
+    ff/ random/ attn/ attn_heads/ both/ 03, 04: resumable pruning runs
     pruned-model/                03: the FF-pruned model, loadable by plain transformers
     anamnesia.json               06: retraining curves and the anamnesia index
     figures/*.png                every figure
@@ -41,6 +41,7 @@ from selprune.loop import (
     evaluate_both,
     forget_drop_at_retain_drop,
     prepare_data,
+    relative_curves,
     run_pruning,
     selectivity_area,
 )
@@ -62,11 +63,16 @@ PARAMS: dict[str, tuple[Any, str]] = {
     "ff_frac": (0.02, "fraction of all FF neurons pruned per step"),
     "attn_frac": (0.02, "fraction of all attention neurons pruned per step"),
     "steps": (5, "pruning steps"),
+    "max_retain_drop": (None, "stop a run once retain top-1 has fallen by more than this fraction of its unpruned "
+                              "value (e.g. 0.25); None runs every step"),
     "scoring": ("abs", "importance function: " + ", ".join(sorted(IMPORTANCE))),
     "ablation": ("zero", "zero, mean or peak"),
     "heads": ("mean", "how a whole attention head is scored from its neurons: mean or median"),
-    "collect_tokens": (2048, "tokens per dataset for each statistics collection"),
-    "eval_tokens": (2048, "tokens per dataset for each evaluation"),
+    "prune_mode": ("iterative", "iterative (re-collect and re-score after every step) or one-shot (score once, "
+                                "prune the cumulative top)"),
+    "selection": ("global", "global (top fraction across all layers) or per_layer (the same fraction in every layer)"),
+    "collect_tokens": (1024, "tokens per dataset for each statistics collection"),
+    "eval_tokens": (1024, "tokens per dataset for each evaluation"),
     "window": (256, "tokens per window"),
     "batch_size": (8, "windows per forward pass"),
     "dtype": ("auto", "auto, float32, bfloat16 or float16"),
@@ -76,18 +82,24 @@ PARAMS: dict[str, tuple[Any, str]] = {
     "retrain_lr": (1e-4, "fine-tuning learning rate (AdamW)"),
     "retrain_batch": (2, "windows per fine-tuning step"),
     "retrain_window": (128, "tokens per fine-tuning window"),
-    "retrain_eval_tokens": (1024, "tokens per dataset for each evaluation while retraining"),
-    "runs": ("ff,random,attn,attn_heads", "pruning runs to do: ff, random, attn, attn_heads"),
+    "retrain_eval_tokens": (512, "tokens per dataset for each evaluation while retraining"),
+    "runs": ("ff,random,attn,attn_heads", "pruning runs to do: ff, random, attn, attn_heads, both"),
     "run_dir": ("runs/default", "output folder"),
 }
 
-# pruning run name -> (PruneConfig overrides, kind of neuron it prunes)
+# pruning run name -> (PruneConfig overrides, kind of neuron it prunes). "both" prunes FF
+# and attention neurons together in one run (ff_frac and attn_frac each step); its
+# fraction axis is the FF one, and it runs only when both fractions are above 0.
 RUNS: dict[str, tuple[dict[str, Any], str]] = {
     "ff": ({"attn_frac": 0.0}, "ff"),
     "random": ({"attn_frac": 0.0, "mode": "random"}, "ff"),
     "attn": ({"ff_frac": 0.0, "heads": None}, "attn"),
     "attn_heads": ({"ff_frac": 0.0}, "attn"),
+    "both": ({"heads": None}, "ff"),
 }
+# the values of the parameters that map onto PruneConfig fields of other names
+PRUNE_MODES = ("iterative", "one-shot")  # PruneConfig.mode ("random" is the random run's, not a choice here)
+SELECTIONS = ("global", "per_layer")  # PruneConfig.per_layer
 NOTEBOOKS = (
     "01_collect_activations.ipynb",
     "02_score_neurons.ipynb",
@@ -96,7 +108,7 @@ NOTEBOOKS = (
     "05_evaluate.ipynb",
     "06_retraining_anamnesia.ipynb",
 )
-_RERUN_SAFE = {"run_dir", "runs", "batch_size", "device"}  # may differ between calls on one run_dir
+RERUN_SAFE = {"run_dir", "runs", "batch_size", "device"}  # may differ between calls on one run_dir
 
 
 def coerce(name: str, value: Any) -> Any:
@@ -104,6 +116,12 @@ def coerce(name: str, value: Any) -> Any:
     if name not in PARAMS:
         raise SelpruneError(f"unknown parameter {name!r}; valid ones: {', '.join(PARAMS)}")
     default = PARAMS[name][0]
+    if default is None:  # an optional number (max_retain_drop): None or a float
+        if value is None:
+            return None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise SelpruneError(f"parameter {name}={value!r} should be a number or None (default None)")
     if value is None or isinstance(default, str) or isinstance(value, type(default)):
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -120,7 +138,54 @@ def resolve_params(given: dict[str, Any]) -> dict[str, Any]:
     bad = [r for r in p["runs"].split(",") if r and r not in RUNS]
     if bad:
         raise SelpruneError(f"unknown runs {bad}; choose among {', '.join(RUNS)}")
+    for name, allowed in (("prune_mode", PRUNE_MODES), ("selection", SELECTIONS)):
+        if p[name] not in allowed:
+            raise SelpruneError(f"{name}={p[name]!r} is not one of {', '.join(allowed)}; pick one of those")
+    if p["max_retain_drop"] is not None and not 0 < p["max_retain_drop"] <= 1:
+        raise SelpruneError(f"max_retain_drop={p['max_retain_drop']} is outside (0, 1]; use e.g. 0.25 to stop once "
+                            "retain top-1 fell by a quarter, or None to run every step")
     return p
+
+
+def active_runs(p: dict[str, Any]) -> list[str]:
+    """The runs asked for in `p["runs"]` whose neuron kinds all have a fraction above 0
+    ("both" needs ff_frac and attn_frac; the others the fraction of their kind)."""
+    frac = {"ff": p["ff_frac"], "attn": p["attn_frac"]}
+    needs = {run: ("ff", "attn") if run == "both" else (kind,) for run, (_, kind) in RUNS.items()}
+    return [r for r in p["runs"].split(",") if r and all(frac[k] > 0 for k in needs[r])]
+
+
+def prune_config(p: dict[str, Any], run: str = "ff") -> PruneConfig:
+    """The PruneConfig of one pruning run from resolved series parameters: the parameters
+    named like PruneConfig fields, `prune_mode` -> mode, `selection` -> per_layer, then
+    the run's own overrides (e.g. the random run's mode). A module function, so that a
+    sweep checks every point's runs without building a Series (which makes folders)."""
+    names = {f.name for f in fields(PruneConfig)}
+    cfg = {k: v for k, v in p.items() if k in names}
+    cfg["mode"] = p["prune_mode"]
+    cfg["per_layer"] = p["selection"] == "per_layer"
+    overrides, _ = RUNS[run]
+    return PruneConfig(**{**cfg, **overrides})
+
+
+RETAIN_DROPS = (0.05, 0.10, 0.20)  # where the forget drop at matched retain damage is read
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Selectivity summaries of one pruning run, for results.json and the leaderboard.
+
+    The headline is `forget_drop_at_retain_drop["0.10"]`: the relative drop of forget
+    top-1 where retain top-1 has dropped by 10% (interpolated along the run's curve).
+    It is None when the run never got that far; `retain_drop_max` and `final_drop` then
+    say how far it did get, so a missing number is never read as 0.
+    """
+    c = relative_curves(records)
+    return {
+        "selectivity_area": selectivity_area(records),
+        "forget_drop_at_retain_drop": {f"{d:.2f}": forget_drop_at_retain_drop(records, d) for d in RETAIN_DROPS},
+        "retain_drop_max": float(1 - c["retain"].min()),
+        "final_drop": {side: float(1 - c[side][-1]) for side in ("forget", "retain")},
+    }
 
 
 def split_timings(obj: Any, path: str = "") -> tuple[Any, dict[str, Any]]:
@@ -205,19 +270,20 @@ class Series:
         return cls(**{k: namespace[k] for k in PARAMS})
 
     def active_runs(self) -> list[str]:
-        """The runs asked for in `runs` whose neuron kind has a fraction above 0."""
-        frac = {"ff": self.p["ff_frac"], "attn": self.p["attn_frac"]}
-        return [r for r in self.p["runs"].split(",") if r and frac[RUNS[r][1]] > 0]
+        """The runs asked for in `runs` whose neuron kinds have a fraction above 0."""
+        return active_runs(self.p)
 
     def _check_params(self) -> None:
         f = self.run_dir / "params.json"
-        mine = {k: v for k, v in self.p.items() if k not in _RERUN_SAFE}
+        mine = {k: v for k, v in self.p.items() if k not in RERUN_SAFE}
         if f.exists():
             try:
                 theirs = json.loads(f.read_text())
             except json.JSONDecodeError as e:
                 raise SelpruneError(f"{f} is corrupt ({e}); delete the run directory and start again") from e
-            theirs = {k: v for k, v in theirs.items() if k not in _RERUN_SAFE}
+            # a parameter added after the folder was made counts as its default there
+            theirs = {k: v for k, v in {**{k: d for k, (d, _) in PARAMS.items()}, **theirs}.items()
+                      if k not in RERUN_SAFE}
             if theirs != mine:
                 diff = {k: (theirs.get(k), mine.get(k)) for k in sorted(set(theirs) | set(mine))
                         if theirs.get(k) != mine.get(k)}
@@ -244,11 +310,7 @@ class Series:
         return find_sites(self.model)
 
     def prune_config(self, run: str = "ff") -> PruneConfig:
-        names = {f.name for f in fields(PruneConfig)}
-        cfg = {k: v for k, v in self.p.items() if k in names}
-        cfg["dtype"] = self.p["dtype"]
-        overrides, _ = RUNS[run]
-        return PruneConfig(**{**cfg, **overrides})
+        return prune_config(self.p, run)
 
     @cached_property
     def data(self) -> Data:
@@ -328,13 +390,11 @@ class Series:
 
     # ------------------------------------------------------------------ 05 evaluate
     def summary(self, run: str) -> dict[str, Any]:
+        """The run's selectivity summaries (see `summarize`)."""
         records = self.records(run)
         if not records:
             raise SelpruneError(f"run {run!r} has not been done in {self.run_dir}; run notebook 03/04 first")
-        return {
-            "selectivity_area": selectivity_area(records),
-            "forget_drop_at_retain_drop": {f"{d:.2f}": forget_drop_at_retain_drop(records, d) for d in (0.05, 0.10, 0.20)},
-        }
+        return summarize(records)
 
     def results_table(self) -> pd.DataFrame:
         """The paper-style table: base and final pruned metrics per run, with relative drops."""
@@ -447,8 +507,8 @@ class Series:
         for arm, a in result["arms"].items():
             row = {"arm": arm, "pruned step": a["pruned_step"], "forget top1 at start": a["curve"][0]["forget"]["top1"],
                    "retain drop %": 100 * a["retain_drop"], "forget drop %": 100 * a["forget_drop"]}
-            for q, v in a["index"].items():
-                row[f"steps to {float(q):.0%}"] = v["step"]
+            for q, v in a["index"].items():  # whole steps (interpolated between evaluations), or not reached
+                row[f"steps to {float(q):.0%}"] = "not reached" if v["step"] is None else round(v["step"])
             row["recovery AUC"] = a["recovery_auc"]
             rows.append(row)
         return pd.DataFrame(rows)

@@ -157,3 +157,14 @@ def test_readme_documents_every_parameter_and_the_two_commands():
     missing = [k for k in PARAMS if f"`{k}`" not in readme]
     assert not missing, f"README.md does not document parameters {missing}"
     assert "make run" in readme and "make test" in readme
+
+
+def test_anamnesia_table_shows_whole_steps_and_not_reached():
+    def arm(step, top1, index):
+        return {"pruned_step": step, "curve": [{"forget": {"top1": top1}}], "retain_drop": 0.1, "forget_drop": 0.8,
+                "index": {"0.5": {"step": index[0]}, "0.9": {"step": index[1]}}, "recovery_auc": 0.3}
+
+    table = Series.anamnesia_table({"arms": {"selective": arm(5, 0.1, (3.4, None)), "unpruned": arm(None, 0.5, (0, 0))}})
+    sel = table.set_index("arm").loc["selective"]
+    assert sel["steps to 50%"] == 3 and sel["steps to 90%"] == "not reached"
+    assert sel["retain drop %"] == pytest.approx(10) and sel["forget top1 at start"] == 0.1
