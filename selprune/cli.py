@@ -13,10 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 from selprune import prune_command
 from selprune.errors import SelpruneError
+from selprune.param_args import add_param_options, read_params
 from selprune.paths import read_json
 from selprune.series import PARAMS, Series
 
@@ -33,9 +32,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="parameters:\n" + params,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    r.add_argument("-f", "--file", type=Path, help="YAML file of parameters")
-    r.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                   help="set one parameter (repeatable); overrides the file")
+    add_param_options(r)
     r.add_argument("--out", help="run directory (same as -p run_dir DIR)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     sw = sub.add_parser(
@@ -78,21 +75,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _params(args: argparse.Namespace) -> dict:
-    params: dict = {}
-    if args.file:
-        try:
-            loaded = yaml.safe_load(args.file.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise SelpruneError(f"cannot read parameter file {args.file}: {e}") from e
-        if not isinstance(loaded, dict):
-            raise SelpruneError(f"{args.file} must hold a mapping of parameter names to values")
-        params.update(loaded)
-    for name, value in args.param:
-        try:
-            params[name] = yaml.safe_load(value)  # "0.01" -> float, "abs" -> str
-        except yaml.YAMLError as e:
-            raise SelpruneError(f"cannot read the value of -p {name} {value!r} ({e}); "
-                                "give a YAML value (quote strings with special characters)") from e
+    params = read_params(args.file, args.param)
     if args.out:
         params["run_dir"] = args.out
     return params

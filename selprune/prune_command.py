@@ -22,11 +22,10 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from selprune import distributed
 from selprune.errors import SelpruneError
 from selprune.loop import PruneConfig
+from selprune.param_args import add_param_options, read_params
 
 _LAUNCH_OPTIONS = {"device": "--device", "device_map": "--device-map", "run_dir": "--out", "out": "--out"}
 
@@ -44,9 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog="parameters (PruneConfig):\n" + params,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("-f", "--file", type=Path, help="YAML file: a mapping of parameter names to values")
-    p.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                   help="set one parameter (repeatable); overrides the file")
+    add_param_options(p)
     p.add_argument("--out", required=True, help="run directory (resumed if it exists with the same parameters)")
     p.add_argument("--device", default="auto",
                    help="auto, cpu, cuda, cuda:N or mps; under torchrun, cuda means this process's GPU (LOCAL_RANK)")
@@ -94,25 +91,6 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         return str(value)
     want = {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(base, str(base))
     raise SelpruneError(f"parameter {name} must be {want}{' or null' if optional else ''}, not {value!r}")
-
-
-def read_params(file: Path | None, pairs: list[list[str]]) -> dict[str, Any]:
-    """The YAML file's mapping, overridden by the `-p NAME VALUE` pairs (values read as YAML)."""
-    params: dict[str, Any] = {}
-    if file is not None:
-        try:
-            loaded = yaml.safe_load(file.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise SelpruneError(f"cannot read parameter file {file}: {e}") from e
-        if not isinstance(loaded, dict):
-            raise SelpruneError(f"{file} must hold a mapping of parameter names to values")
-        params.update(loaded)
-    for name, value in pairs:
-        try:
-            params[name] = yaml.safe_load(value)  # "0.01" -> float, "abs" -> str, "null" -> None
-        except yaml.YAMLError as e:
-            raise SelpruneError(f"cannot read the value of -p {name} {value!r} ({e}); give a YAML value") from e
-    return params
 
 
 def main(args: argparse.Namespace) -> int:
