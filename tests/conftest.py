@@ -92,7 +92,16 @@ def tiny_llama(smollm_tokenizer) -> Callable[..., LlamaForCausalLM]:
 @pytest.fixture
 def tiny_llama_dir(tmp_path, tiny_llama, smollm_tokenizer) -> Path:
     """A local Hugging Face model directory: a tiny random Llama plus the embedded tokenizer."""
-    out = tmp_path / "tiny-llama"
+    return _save_tiny_llama(tmp_path / "tiny-llama", tiny_llama, smollm_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def shared_tiny_llama_dir(tmp_path_factory, tiny_llama, smollm_tokenizer) -> Path:
+    """The same, made once per session for tests that only read it (runs write elsewhere)."""
+    return _save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama", tiny_llama, smollm_tokenizer)
+
+
+def _save_tiny_llama(out: Path, tiny_llama, tokenizer) -> Path:
     tiny_llama().save_pretrained(out)
-    smollm_tokenizer.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out

@@ -50,12 +50,9 @@ SELPRUNE = Path(sys.executable).parent / "selprune"  # the console script of the
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_llama, smollm_tokenizer) -> Path:
-    """A tiny random Llama (d_mlp 64) as a local model directory, shared by the module."""
-    out = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tiny_llama().save_pretrained(out)
-    smollm_tokenizer.save_pretrained(out)
-    return out
+def tiny_dir(shared_tiny_llama_dir) -> Path:
+    """A tiny random Llama (d_mlp 64) as a local model directory."""
+    return shared_tiny_llama_dir
 
 
 def series(tmp_path: Path, tiny_dir: Path, **params) -> Series:

@@ -273,14 +273,6 @@ def small_sets(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tiny_llama, smollm_tokenizer) -> Path:
-    out = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tiny_llama().save_pretrained(out)
-    smollm_tokenizer.save_pretrained(out)
-    return out
-
-
 def _spec(model: Path, sets: dict[str, Path], out: Path, extra: list[dict] | None = None) -> dict:
     base = {**TINY, "model": str(model), "forget": str(sets["forget"]), "retain": str(sets["retain"]), "runs": "ff"}
     return {"out": str(out), "base": base,
@@ -288,10 +280,10 @@ def _spec(model: Path, sets: dict[str, Path], out: Path, extra: list[dict] | Non
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny_model_dir, small_sets) -> tuple[Path, dict, list[str]]:
+def finished(tmp_path_factory, shared_tiny_llama_dir, small_sets) -> tuple[Path, dict, list[str]]:
     """A real two-point sweep, run once: its out folder, its spec and its log lines."""
     root = tmp_path_factory.mktemp("sweep")
-    spec = _spec(tiny_model_dir, small_sets, root / "out")
+    spec = _spec(shared_tiny_llama_dir, small_sets, root / "out")
     log: list[str] = []
     sw = sweep.load_sweep(_write(root / "s.yaml", spec))
     sweep.run_sweep(sw, progress=False, log=log.append)
