@@ -114,17 +114,25 @@ class Data:
     skip: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+EVAL_SEED = 0  # the test windows' order: one fixed evaluation set for every seed
+
+
 def prepare_data(cfg: PruneConfig, tokenizer: PreTrainedTokenizerBase) -> Data:
     """Windows for collection (train) and evaluation (test), and each set's skip tokens
-    (the `skip_k` most frequent in its collection windows)."""
-    def win(name: str, split: str, budget: int) -> torch.Tensor:
-        return token_windows(load_texts(name, split), tokenizer, cfg.window, budget, seed=cfg.seed)
+    (the `skip_k` most frequent in its collection windows).
+
+    `cfg.seed` orders the collection documents only; the test windows are always drawn in
+    the `EVAL_SEED` order, so that runs with different seeds are measured on the same text
+    and their spread is the method's (which documents it learnt from), not the sampling
+    noise of a small evaluation set."""
+    def win(name: str, split: str, budget: int, seed: int) -> torch.Tensor:
+        return token_windows(load_texts(name, split), tokenizer, cfg.window, budget, seed=seed)
 
     d = Data(
-        win(cfg.forget, "train", cfg.collect_tokens),
-        win(cfg.retain, "train", cfg.collect_tokens),
-        win(cfg.forget, "test", cfg.eval_tokens),
-        win(cfg.retain, "test", cfg.eval_tokens),
+        win(cfg.forget, "train", cfg.collect_tokens, cfg.seed),
+        win(cfg.retain, "train", cfg.collect_tokens, cfg.seed),
+        win(cfg.forget, "test", cfg.eval_tokens, EVAL_SEED),
+        win(cfg.retain, "test", cfg.eval_tokens, EVAL_SEED),
     )
     d.skip = {"forget": top_tokens(d.forget_train, cfg.skip_k), "retain": top_tokens(d.retain_train, cfg.skip_k)}
     return d

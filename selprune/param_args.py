@@ -4,6 +4,7 @@ for every `selprune` command that takes parameters (`run`, `prune`)."""
 from __future__ import annotations
 
 import argparse
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +40,29 @@ def read_params(file: Path | None, pairs: list[list[str]]) -> dict[str, Any]:
             raise SelpruneError(f"cannot read the value of -p {name} {value!r} ({e}); "
                                 "give a YAML value (quote strings with special characters)") from e
     return params
+
+
+def coerce_value(name: str, value: Any, hint: Any) -> Any:
+    """`value` as the type `hint` (`float`, `int`, `bool`, `str`, or one of them `| None`).
+
+    One rule for every command and notebook parameter: YAML and `-p` give ints where a
+    float is meant (`steps: 10` is fine, `lr: 1e-4` is text in YAML 1.1), so a float
+    accepts ints and numeric text; nothing else is converted silently."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint)
+    if value is None and optional:
+        return None
+    if base is bool and isinstance(value, bool):
+        return value
+    if base is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if base is float and not isinstance(value, bool):
+        try:
+            return float(value)  # int, float, or text such as "1e-3"
+        except (TypeError, ValueError):
+            pass
+    if base is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    want = {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(base, str(base))
+    raise SelpruneError(f"parameter {name} must be {want}{' or null' if optional else ''}, not {value!r}")

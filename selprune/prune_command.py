@@ -25,7 +25,7 @@ from typing import Any
 from selprune import distributed
 from selprune.errors import SelpruneError
 from selprune.loop import PruneConfig
-from selprune.param_args import add_param_options, read_params
+from selprune.param_args import add_param_options, coerce_value, read_params
 
 _LAUNCH_OPTIONS = {"device": "--device", "device_map": "--device-map", "run_dir": "--out", "out": "--out"}
 
@@ -65,32 +65,10 @@ def config_from(params: dict[str, Any]) -> PruneConfig:
         if name not in known:
             hint = f"; it is the option {_LAUNCH_OPTIONS[name]}" if name in _LAUNCH_OPTIONS else ""
             raise SelpruneError(f"unknown parameter {name!r}{hint}; the parameters are {', '.join(sorted(known))}")
-        values[name] = _coerce(name, value, hints[name])
+        values[name] = coerce_value(name, value, hints[name])
     cfg = PruneConfig(**values)
     cfg.validate()
     return cfg
-
-
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """`value` as the type `hint` (`float`, `int`, `bool`, `str`, or one of them `| None`)."""
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint)
-    if value is None and optional:
-        return None
-    if base is bool and isinstance(value, bool):
-        return value
-    if base is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if base is float and not isinstance(value, bool):
-        try:
-            return float(value)  # int, float, or text such as "1e-3"
-        except (TypeError, ValueError):
-            pass
-    if base is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)
-    want = {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(base, str(base))
-    raise SelpruneError(f"parameter {name} must be {want}{' or null' if optional else ''}, not {value!r}")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -46,6 +46,7 @@ from selprune.loop import (
     selectivity_area,
 )
 from selprune.models import load_model, model_spec_kind, resolve_device, resolve_dtype
+from selprune.param_args import coerce_value
 from selprune.paths import atomic_write_json, read_json
 from selprune.prune import export_pruned
 from selprune.retrain import RetrainConfig, anamnesia_from_runs, replay_run
@@ -112,21 +113,12 @@ RERUN_SAFE = {"run_dir", "runs", "batch_size", "device"}  # may differ between c
 
 
 def coerce(name: str, value: Any) -> Any:
-    """Turn a CLI/YAML value into the type of the parameter's default."""
+    """Turn a CLI/YAML/papermill value into the type of the parameter's default (a default
+    of None means an optional number), by the same rule as `selprune prune`'s parameters."""
     if name not in PARAMS:
         raise SelpruneError(f"unknown parameter {name!r}; valid ones: {', '.join(PARAMS)}")
     default = PARAMS[name][0]
-    if default is None:  # an optional number (max_retain_drop): None or a float
-        if value is None:
-            return None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise SelpruneError(f"parameter {name}={value!r} should be a number or None (default None)")
-    if value is None or isinstance(default, str) or isinstance(value, type(default)):
-        return value
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    raise SelpruneError(f"parameter {name}={value!r} should be a {type(default).__name__} (default {default!r})")
+    return coerce_value(name, value, float | None if default is None else type(default))
 
 
 def resolve_params(given: dict[str, Any]) -> dict[str, Any]:

@@ -364,3 +364,10 @@ def test_data_without_skip_sets(tmp_path: Path) -> None:
     for r in records:
         for side in ("forget", "retain"):
             assert r[side]["top1_skip"] == r[side]["top1"] and r[side]["tokens_skip"] == r[side]["tokens"]
+
+
+def test_seed_orders_collection_windows_not_evaluation_windows(smollm_tokenizer) -> None:
+    cfg = PruneConfig(forget="code", retain="prose", collect_tokens=512, eval_tokens=512, window=128)
+    a, b = loop.prepare_data(cfg, smollm_tokenizer), loop.prepare_data(replace(cfg, seed=1), smollm_tokenizer)
+    assert torch.equal(a.forget_test, b.forget_test) and torch.equal(a.retain_test, b.retain_test)
+    assert not torch.equal(a.forget_train, b.forget_train) and not torch.equal(a.retain_train, b.retain_train)

@@ -61,11 +61,16 @@ def test_clean_strips_timings_and_papermill_metadata():
 def test_resolve_params_rejects_unknown_names_and_types():
     with pytest.raises(SelpruneError, match="unknown parameters.*valid ones"):
         resolve_params({"stepz": 3})
-    with pytest.raises(SelpruneError, match="steps=.*should be a int"):
+    with pytest.raises(SelpruneError, match="steps must be an integer"):
         resolve_params({"steps": "five"})
     with pytest.raises(SelpruneError, match="unknown runs"):
         resolve_params({"runs": "ff,bogus"})
+    with pytest.raises(SelpruneError, match="steps must be an integer, not None"):
+        resolve_params({"steps": None})
     assert resolve_params({"ff_frac": 1})["ff_frac"] == 1.0
+    assert resolve_params({"retrain_lr": "1e-5"})["retrain_lr"] == 1e-5  # YAML 1.1 reads 1e-5 as text
+    assert resolve_params({"max_retain_drop": None})["max_retain_drop"] is None
+    assert resolve_params({"max_retain_drop": 1})["max_retain_drop"] == 1.0
 
 
 def test_series_refuses_a_run_dir_made_with_other_parameters(tmp_path, tiny_llama_dir):
