@@ -133,6 +133,12 @@ def _load_local(path: Path, split: str, text_field: str) -> datasets.Dataset:
     ds = _only_text(ds, "text" if kind == "text" else text_field, str(path))
     if not presplit:
         keep = [i for i in range(len(ds)) if is_test_document(f"{path.name}/{i}") == (split == "test")]
+        if not keep:  # e.g. a single .txt file: one document, which lands in one split only
+            raise SelpruneError(
+                f"{path} holds {len(ds)} document(s) and none falls in the {split!r} split (about 10% of "
+                "documents go to test, chosen by a hash of their index); give it more documents (a folder "
+                "of .txt files, one document each, or a .jsonl with one per line), or train.* and test.* files"
+            )
         ds = ds.select(keep)
     return ds
 
