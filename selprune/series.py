@@ -78,7 +78,7 @@ PARAMS: dict[str, tuple[Any, str]] = {
     "batch_size": (8, "windows per forward pass"),
     "dtype": ("auto", "auto, float32, bfloat16 or float16"),
     "device": ("auto", "auto, cpu, cuda, cuda:N or mps"),
-    "seed": (0, "seed for data order and random choices"),
+    "seed": (0, "seed for the collection text's order and random choices (evaluation text is fixed)"),
     "retrain_steps": (16, "fine-tuning steps on forget text for the anamnesia index"),
     "retrain_lr": (1e-4, "fine-tuning learning rate (AdamW)"),
     "retrain_batch": (2, "windows per fine-tuning step"),
