@@ -25,6 +25,32 @@ NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 STORED_RUN_DIR = REPO_ROOT / "runs" / "notebooks"  # the stored notebooks' run_dir ("../runs/notebooks")
 
 
+# A Unix socket path must fit in sun_path (104 bytes on macOS, 108 on Linux); jupyter_client
+# names the kernel's sockets after its connection file: RUNTIME/kernel-<uuid>-ipc-<n>.
+_IPC_NAME_BYTES = len("/kernel-00000000-0000-0000-0000-000000000000-ipc-99")
+_SUN_PATH_BYTES = 104
+
+
+def kernel_manager_class() -> type:
+    """The kernel manager papermill starts each notebook's kernel with: IPC transport (Unix
+    sockets in Jupyter's runtime folder, reachable only by this user) where the platform
+    has it and the path fits, else jupyter_client's default TCP on localhost. Over TCP,
+    ipykernel >= 7 warns in every run that the connection is unencrypted."""
+    from jupyter_client import AsyncKernelManager
+    from jupyter_core.paths import jupyter_runtime_dir
+    from traitlets import default
+
+    if os.name != "posix" or len(os.fsencode(jupyter_runtime_dir())) + _IPC_NAME_BYTES >= _SUN_PATH_BYTES:
+        return AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _transport_default(self) -> str:
+            return "ipc"
+
+    return IPCKernelManager
+
+
 def run_series(params: dict[str, Any], progress: bool = True, notebooks: tuple[str, ...] = NOTEBOOKS) -> Path:
     """Execute the series with papermill; returns the run directory.
 
@@ -50,7 +76,8 @@ def run_series(params: dict[str, Any], progress: bool = True, notebooks: tuple[s
         try:
             with _environ(env):
                 papermill.execute_notebook(str(src), str(tmp), parameters=p, cwd=str(NOTEBOOK_DIR),
-                                           progress_bar=progress, kernel_name="python3")
+                                           progress_bar=progress, kernel_name="python3",
+                                           kernel_manager_class=kernel_manager_class())
         except PapermillExecutionError as e:
             failed = out_dir / f"FAILED-{name}"
             tmp.replace(failed) if tmp.exists() else None

@@ -8,12 +8,13 @@ start-ups, not forward passes.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from selprune import cli
 from selprune.errors import SelpruneError
-from selprune.notebooks import NOTEBOOK_DIR, clean, run_series
+from selprune.notebooks import NOTEBOOK_DIR, clean, kernel_manager_class, run_series
 from selprune.series import NOTEBOOKS, PARAMS, RUNS, Series, resolve_params
 
 TINY = {"collect_tokens": 256, "eval_tokens": 256, "window": 64, "steps": 2, "ff_frac": 0.05, "attn_frac": 0.05,
@@ -173,3 +174,13 @@ def test_anamnesia_table_shows_whole_steps_and_not_reached():
     sel = table.set_index("arm").loc["selective"]
     assert sel["steps to 50%"] == 3 and sel["steps to 90%"] == "not reached"
     assert sel["retain drop %"] == pytest.approx(10) and sel["forget top1 at start"] == 0.1
+
+
+@pytest.mark.skipif(os.name != "posix", reason="IPC transport needs Unix sockets")
+def test_kernels_use_ipc_where_the_socket_path_fits(monkeypatch):
+    import jupyter_core.paths
+
+    monkeypatch.setattr(jupyter_core.paths, "jupyter_runtime_dir", lambda: "/run/user/1000/jupyter")
+    assert kernel_manager_class()().transport == "ipc"
+    monkeypatch.setattr(jupyter_core.paths, "jupyter_runtime_dir", lambda: "/" + "d" * 80)  # no room for a socket name
+    assert kernel_manager_class()().transport == "tcp"
