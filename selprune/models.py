@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from selprune.errors import SelpruneError
@@ -238,10 +239,21 @@ def cached_model_dir(name: str) -> Path:
 def _load_packaged_gguf(name: str, entry: ModelEntry, **kw: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     gguf = _packaged_gguf_path(entry.location)
     version = importlib.metadata.version(gguf.parent.name.replace("_", "-"))
-    out = cached_model_dir(f"{name}-{version}")
-    if not (out / "config.json").is_file():
-        convert_gguf(gguf, out)
+    out = ensure_converted(gguf, cached_model_dir(f"{name}-{version}"))
     return _load_dir(out, **kw)
+
+
+def ensure_converted(gguf: Path, out: Path) -> Path:
+    """`out`, converted from `gguf` unless it already is. Processes that start together on
+    a fresh cache (torchrun ranks, sweeps in parallel) take a file lock: the first converts,
+    the others wait and then load its result, instead of replacing a folder being read."""
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.parent / f".{out.name}.lock")):
+        if not (out / "config.json").is_file():  # not done by another process meanwhile
+            convert_gguf(gguf, out)
+    return out
 
 
 def _load_hub(name: str, entry: ModelEntry, **kw: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -3,6 +3,7 @@ dtypes and devices (issue #2)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.metadata
 import importlib.util
 import json
@@ -202,13 +203,13 @@ def test_interrupted_conversion_leaves_nothing_and_next_load_converts(
     with pytest.raises(type(error)):
         load_model(EMBEDDED, dtype="float32", device="cpu")
     assert not out.exists()
-    assert [p.name for p in out.parent.iterdir()] == []  # no temporary folder left behind
+    assert entries(out.parent) == []  # no temporary folder left behind
 
     fake = FakeGgufReads(tiny_llama, smollm_tokenizer)
     fake.install(monkeypatch)
     model, tok = load_model(EMBEDDED, dtype="float32", device="cpu")
     assert fake.gguf_reads == 1
-    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+    assert entries(out.parent) == [out.name]
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     assert json.loads((out / "selprune_source.json").read_text())["bytes"] == packaged_gguf().stat().st_size
     assert isinstance(model, LlamaForCausalLM) and model.config.hidden_size == tiny_llama().config.hidden_size
@@ -228,7 +229,32 @@ def test_failed_conversion_keeps_previous_cache(tmp_cache, monkeypatch, tiny_lla
     with pytest.raises(RuntimeError, match="boom"):
         models.convert_gguf(packaged_gguf(), out)
     assert json.loads((out / "config.json").read_text()) == {"previous": True}
-    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+    assert entries(out.parent) == [out.name]
+
+
+def entries(folder: Path) -> list[str]:
+    """A folder's entries, less the conversion lock files (empty, kept by filelock)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock"))
+
+
+def test_processes_converting_at_once_convert_once(tmp_path, monkeypatch):
+    """Two loads racing on a fresh cache (torchrun ranks): one converts, the other waits
+    for it and converts nothing (it would otherwise replace a folder being read)."""
+    calls = []
+
+    def slow_convert(gguf: Path, out: Path) -> Path:
+        calls.append(out)
+        time.sleep(0.3)  # long enough for the other thread to reach the lock
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        return out
+
+    monkeypatch.setattr(models, "convert_gguf", slow_convert)
+    out = tmp_path / "models" / "m"
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        done = list(pool.map(lambda _: models.ensure_converted(tmp_path / "m.gguf", out), range(2)))
+    assert done == [out, out] and calls == [out]
+    assert models.ensure_converted(tmp_path / "m.gguf", out) == out and len(calls) == 1
 
 
 def test_selprune_cache_override(tmp_path, monkeypatch):
