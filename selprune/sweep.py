@@ -348,9 +348,10 @@ def run_sweep(sweep: Sweep, progress: bool = True, log: Callable[[str], None] | 
             if not sweep.keep_models:  # a full model copy per point; the leaderboard needs none
                 shutil.rmtree(pt.run_dir / "pruned-model", ignore_errors=True)
             log(f"[{i}/{n}] {pt.name}: done in {time.perf_counter() - t0:.0f} s")
-        write_leaderboard(leaderboard(sweep), sweep.out)
+        rows = leaderboard(sweep)
+        write_leaderboard(rows, sweep.out, frontier_curves(sweep, rows))
     rows = leaderboard(sweep)
-    write_leaderboard(rows, sweep.out)
+    write_leaderboard(rows, sweep.out, frontier_curves(sweep, rows))
     return rows
 
 
@@ -503,8 +504,41 @@ def plot_leaderboard(rows: list[dict[str, Any]]):
     return fig
 
 
-def write_leaderboard(rows: list[dict[str, Any]], out: str | Path) -> tuple[Path, Path]:
-    """Write `out/leaderboard.csv` and `out/figures/leaderboard.png`, each atomically."""
+def frontier_curves(sweep: Sweep, rows: list[dict[str, Any]], top: int = 6) -> dict[str, list[dict[str, Any]]]:
+    """Step records of the `top` best-ranked selective runs and of the best-ranked floor
+    run, keyed by their leaderboard label ("point / run"), in rank order."""
+    dirs = {pt.name: pt.run_dir for pt in sweep.points}
+    ranked = [r for r in rows if r.get("rank") is not None]
+    chosen = [r for r in ranked if not r["floor"]][:top] + [r for r in ranked if r["floor"]][:1]
+    return {f"{r['point']} / {r['run']}": read_json(dirs[r["point"]] / r["run"] / "records.json") for r in chosen}
+
+
+def plot_frontier(curves: dict[str, list[dict[str, Any]]], floor: set[str] = frozenset()):
+    """Forget drop against retain drop along each run (relative top-1, step by step): the
+    headline is where a curve crosses the 10% line; the whole curve shows whether a recipe
+    that loses there wins at other amounts of collateral damage, and how far above the
+    random floor (`floor`: the labels drawn dashed) each one runs."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    right = 0.12
+    for label, records in curves.items():
+        c = relative_curves(records)
+        retain_drop, forget_drop = 1 - c["retain"], 1 - c["forget"]
+        right = max(right, float(retain_drop.max()))
+        ax.plot(retain_drop, forget_drop, marker=".", lw=1.2, label=label,
+                **({"ls": "--", "color": "0.45"} if label in floor else {}))
+    ax.axvline(0.10, color="black", lw=0.8, ls=":", label="headline: 10% retain drop")
+    ax.set(xlabel="retain top-1 drop (relative to unpruned)", ylabel="forget top-1 drop (relative to unpruned)",
+           xlim=(-0.01, min(right, 1.0) + 0.01), ylim=(-0.02, 1.0), title="Forget against retain damage, per run")
+    ax.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+def write_leaderboard(rows: list[dict[str, Any]], out: str | Path,
+                      curves: dict[str, list[dict[str, Any]]] | None = None) -> tuple[Path, Path]:
+    """Write `out/leaderboard.csv` and `out/figures/leaderboard.png`, each atomically, and
+    with `curves` (see `frontier_curves`) `out/figures/frontier.png`."""
     import matplotlib.pyplot as plt
 
     from selprune.plots import save_figure
@@ -517,6 +551,13 @@ def write_leaderboard(rows: list[dict[str, Any]], out: str | Path) -> tuple[Path
         png = save_figure(fig, out, "leaderboard")
     finally:
         plt.close(fig)
+    if curves:
+        floor = {f"{r['point']} / {r['run']}" for r in rows if r.get("floor")}
+        fig = plot_frontier(curves, floor)
+        try:
+            save_figure(fig, out, "frontier")
+        finally:
+            plt.close(fig)
     return csv_path, png
 
 

@@ -179,6 +179,17 @@ def test_run_finished_means_all_steps_or_the_stop_rule():
     assert not sweep.run_finished([], p)
 
 
+def test_frontier_plot_draws_each_curve_and_the_floor_dashed():
+    curves = {"p / ff": _records([0.4, 0.38, 0.3], [0.5, 0.2, 0.1]), "p / random": _records([0.4, 0.3], [0.5, 0.45])}
+    fig = sweep.plot_frontier(curves, floor={"p / random"})
+    lines = {ln.get_label(): ln for ln in fig.axes[0].lines}
+    assert set(lines) == {"p / ff", "p / random", "headline: 10% retain drop"}
+    x, y = lines["p / ff"].get_data()
+    assert x == pytest.approx([0, 0.05, 0.25]) and y == pytest.approx([0, 0.6, 0.8]), "drops, not ratios"
+    assert lines["p / random"].get_linestyle() == "--" and lines["p / ff"].get_linestyle() == "-"
+    assert fig.axes[0].get_xlim()[1] == pytest.approx(0.26)
+
+
 def test_leaderboard_plot_draws_every_kind_of_row():
     rows = sweep.rank([
         {"point": "p", "run": "ff", "floor": False, "status": "done", **sweep.run_row(_records([0.4, 0.3], [0.5, 0.1]))},
@@ -322,6 +333,7 @@ def test_real_sweep_writes_a_ranked_leaderboard_and_its_figure(finished):
     assert heads == sorted(heads, reverse=True)
     assert all(r["note"].startswith("not reached") for r in rows if not r["rank"])
     assert (out / "figures" / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "figures" / "frontier.png").exists() == bool(ranked), "the curves of the ranked runs"
     for point in ("recipe", "std"):
         executed = sorted(p.name for p in (out / point / "notebooks").glob("*.ipynb"))
         assert executed == ["03_prune_ffn.ipynb"], "only the pruning notebook runs"
