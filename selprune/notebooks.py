@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,28 +26,37 @@ NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 STORED_RUN_DIR = REPO_ROOT / "runs" / "notebooks"  # the stored notebooks' run_dir ("../runs/notebooks")
 
 
-# A Unix socket path must fit in sun_path (104 bytes on macOS, 108 on Linux); jupyter_client
-# names the kernel's sockets after its connection file: RUNTIME/kernel-<uuid>-ipc-<n>.
-_IPC_NAME_BYTES = len("/kernel-00000000-0000-0000-0000-000000000000-ipc-99")
+# A Unix socket path must fit in sun_path (104 bytes on macOS, 108 on Linux). Kernel
+# sockets are named PREFIX-<port>, PREFIX = Jupyter's runtime folder/selprune-<12 hex>.
+_IPC_NAME_BYTES = len("/selprune-000000000000-65535")
 _SUN_PATH_BYTES = 104
 
 
 def kernel_manager_class() -> type:
     """The kernel manager papermill starts each notebook's kernel with: IPC transport (Unix
-    sockets in Jupyter's runtime folder, reachable only by this user) where the platform
-    has it and the path fits, else jupyter_client's default TCP on localhost. Over TCP,
-    ipykernel >= 7 warns in every run that the connection is unencrypted."""
+    sockets in Jupyter's private runtime folder) where the platform has it and the path
+    fits, else jupyter_client's default TCP on localhost. Over TCP, ipykernel >= 7 warns in
+    every run that the connection is unencrypted."""
     from jupyter_client import AsyncKernelManager
     from jupyter_core.paths import jupyter_runtime_dir
     from traitlets import default
 
-    if os.name != "posix" or len(os.fsencode(jupyter_runtime_dir())) + _IPC_NAME_BYTES >= _SUN_PATH_BYTES:
+    runtime = jupyter_runtime_dir()
+    if os.name != "posix" or len(os.fsencode(runtime)) + _IPC_NAME_BYTES >= _SUN_PATH_BYTES:
         return AsyncKernelManager
 
     class IPCKernelManager(AsyncKernelManager):
         @default("transport")
         def _transport_default(self) -> str:
             return "ipc"
+
+        @default("ip")
+        def _ip_default(self) -> str:
+            # A unique prefix per kernel in the user's runtime folder. jupyter_client's own
+            # default, "kernel-ipc" in the working directory, litters it and collides
+            # between runs started there at once.
+            Path(runtime).mkdir(mode=0o700, parents=True, exist_ok=True)
+            return os.path.join(runtime, f"selprune-{uuid.uuid4().hex[:12]}")
 
     return IPCKernelManager
 

@@ -177,10 +177,18 @@ def test_anamnesia_table_shows_whole_steps_and_not_reached():
 
 
 @pytest.mark.skipif(os.name != "posix", reason="IPC transport needs Unix sockets")
-def test_kernels_use_ipc_where_the_socket_path_fits(monkeypatch):
+def test_kernels_use_private_ipc_sockets_where_the_path_fits(monkeypatch):
+    import tempfile
+
     import jupyter_core.paths
 
-    monkeypatch.setattr(jupyter_core.paths, "jupyter_runtime_dir", lambda: "/run/user/1000/jupyter")
-    assert kernel_manager_class()().transport == "ipc"
+    with tempfile.TemporaryDirectory(dir="/tmp") as short:  # pytest's tmp_path may be too long for a socket
+        runtime = os.path.join(short, "rt")
+        monkeypatch.setattr(jupyter_core.paths, "jupyter_runtime_dir", lambda: runtime)
+        a, b = kernel_manager_class()(), kernel_manager_class()()
+        assert a.transport == b.transport == "ipc"
+        # each kernel its own socket prefix in the runtime folder, not "kernel-ipc" in the working directory
+        assert os.path.dirname(a.ip) == os.path.dirname(b.ip) == runtime and a.ip != b.ip
+        assert os.stat(runtime).st_mode & 0o077 == 0, "a private folder"
     monkeypatch.setattr(jupyter_core.paths, "jupyter_runtime_dir", lambda: "/" + "d" * 80)  # no room for a socket name
     assert kernel_manager_class()().transport == "tcp"
