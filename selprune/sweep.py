@@ -465,6 +465,11 @@ def leaderboard_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def row_label(row: dict[str, Any]) -> str:
+    """A pruning run's label in the figures and the printed table: "point / run"."""
+    return f"{row['point']} / {row['run']}"
+
+
 def plot_leaderboard(rows: list[dict[str, Any]]):
     """Horizontal bars of the headline per pruning run, in leaderboard order, the random
     floor as a dashed line. Runs without a headline get a label instead of a bar."""
@@ -472,7 +477,7 @@ def plot_leaderboard(rows: list[dict[str, Any]]):
     import pandas as pd
     import seaborn as sns
 
-    labels = [f"{r['point']} / {r['run']}" for r in rows]
+    labels = [row_label(r) for r in rows]
     df = pd.DataFrame({"label": labels, "headline": [r.get(HEADLINE) for r in rows],
                        "kind": ["floor (random)" if r.get("floor") else r["run"] for r in rows],
                        "ranked": [r.get("rank") is not None for r in rows]})
@@ -510,7 +515,7 @@ def frontier_curves(sweep: Sweep, rows: list[dict[str, Any]], top: int = 6) -> d
     dirs = {pt.name: pt.run_dir for pt in sweep.points}
     ranked = [r for r in rows if r.get("rank") is not None]
     chosen = [r for r in ranked if not r["floor"]][:top] + [r for r in ranked if r["floor"]][:1]
-    return {f"{r['point']} / {r['run']}": read_json(dirs[r["point"]] / r["run"] / "records.json") for r in chosen}
+    return {row_label(r): read_json(dirs[r["point"]] / r["run"] / "records.json") for r in chosen}
 
 
 def plot_frontier(curves: dict[str, list[dict[str, Any]]], floor: set[str] = frozenset()):
@@ -552,7 +557,7 @@ def write_leaderboard(rows: list[dict[str, Any]], out: str | Path,
     finally:
         plt.close(fig)
     if curves:
-        floor = {f"{r['point']} / {r['run']}" for r in rows if r.get("floor")}
+        floor = {row_label(r) for r in rows if r.get("floor")}
         fig = plot_frontier(curves, floor)
         try:
             save_figure(fig, out, "frontier")
@@ -568,7 +573,7 @@ def format_top(rows: list[dict[str, Any]], n: int = 10) -> str:
 
     lines = [f"{'rank':>4}  {'point / run':<40} {'@5%':>7} {'@10%':>7} {'@20%':>7} {'area':>6}  note"]
     for r in rows[:n]:
-        label = f"{r['point']} / {r['run']}" + (" (floor)" if r.get("floor") else "")
+        label = row_label(r) + (" (floor)" if r.get("floor") else "")
         note = r.get("note") or r.get("error") or ""
         if r.get("status") != "done":
             note = f"{r.get('status')}: {note}"
