@@ -76,6 +76,7 @@ def run_series(params: dict[str, Any], progress: bool = True, notebooks: tuple[s
     out_dir = run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {"SELPRUNE_PROGRESS": "1" if progress else "0"}
+    manager = kernel_manager_class()
     for name in notebooks:
         src = NOTEBOOK_DIR / name
         if not src.is_file():
@@ -87,7 +88,7 @@ def run_series(params: dict[str, Any], progress: bool = True, notebooks: tuple[s
             with _environ(env):
                 papermill.execute_notebook(str(src), str(tmp), parameters=p, cwd=str(NOTEBOOK_DIR),
                                            progress_bar=progress, kernel_name="python3",
-                                           kernel_manager_class=kernel_manager_class())
+                                           kernel_manager_class=manager)
         except PapermillExecutionError as e:
             failed = out_dir / f"FAILED-{name}"
             tmp.replace(failed) if tmp.exists() else None
