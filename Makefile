@@ -26,7 +26,7 @@ test: venv
 
 # Re-execute the stored notebooks at their defaults (the outputs nbval checks).
 notebooks: venv
-	$(BIN)/python -m selprune.notebooks
+	$(BIN)/python -m selprune.experiment.notebooks
 
 lint: venv
 	$(BIN)/ruff check selprune tests data benchmarks

@@ -19,8 +19,9 @@ retain = `prose`), never touching the network, and prints ONE JSON object to std
   forward with logits (`model(input_ids=...)`) over the same batches, interleaved the
   same way; `ratio` = evaluate / bare throughput.
 - `pruning_step`: seconds of one full pruning step by phase (collect both datasets,
-  score, prune, evaluate both), from `run_pruning(..., steps=1)` in a temporary
-  directory (`ff_frac` = `attn_frac` = 0.02); the model is restored afterwards.
+  score, prune, evaluate both), from one step of the pruning run `both` (FF and attention
+  neurons, `ff_frac` = `attn_frac` = 0.02; `selprune.experiment.loop.run_pruning`) in a
+  temporary directory; the model is restored afterwards.
 - `scaling`: `collect_stats` time at 1x, 2x and 4x the token budget on the forget
   set, and each time's ratio to 1x (expected ~2 and ~4: linear in tokens).
 - `memory`: resident set size (RSS) at start, right after the model loads, and after
@@ -71,7 +72,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from selprune.evaluate import evaluate  # noqa: E402
-from selprune.loop import PruneConfig, prepare_data, run_pruning  # noqa: E402
+from selprune.experiment.config import Config, validate  # noqa: E402
+from selprune.experiment.loop import data_for, run_pruning  # noqa: E402
 from selprune.models import _cpu_name, load_model  # noqa: E402
 from selprune.sites import find_sites  # noqa: E402
 from selprune.stats import collect_stats  # noqa: E402
@@ -296,15 +298,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             tokens, "bare", "evaluate")
 
     log("one pruning step")
-    cfg = PruneConfig(model=args.model, forget=forget, retain=retain, ff_frac=0.02, attn_frac=0.02, steps=1,
-                      collect_tokens=tokens, eval_tokens=tokens, window=args.window, batch_size=args.batch_size,
-                      dtype=args.dtype)
+    cfg = Config(model=args.model, forget=forget, retain=retain, ff_frac=0.02, attn_frac=0.02, steps=1,
+                 collect_tokens=tokens, eval_tokens=tokens, window=args.window, batch_size=args.batch_size,
+                 dtype=args.dtype, device=args.device, retrain_window=min(Config.retrain_window, args.window))
+    validate(cfg, runs=["both"])
     t0 = time.perf_counter()
-    data = prepare_data(cfg, tok)
+    data = data_for(cfg, tok)
     prepare_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="selprune-bench-") as run_dir:
         t0 = time.perf_counter()
-        records, pruner = run_pruning(cfg, run_dir, model, tok, data=data, progress=False)
+        records, pruner = run_pruning(cfg, "both", run_dir, model, tok, data=data, progress=False)
         step_total = time.perf_counter() - t0
         pruner.restore()
     secs = records[1]["seconds"]

@@ -94,7 +94,6 @@ def hook_cases(stats_mods: dict[str, types.ModuleType], repeats: int) -> dict[st
         fns = {}
         for name, mod in stats_mods.items():
             collector = mod.StatsCollector(sites, removed, hist_bins=bins)
-            collector.set_token_mask(None)
             hook = collector._hook(kind, 0)
             fns[name] = lambda h=hook, m=module, x=x: h(m, (x,))
         out[label] = interleaved_ms(fns, repeats)

@@ -1,12 +1,12 @@
 """The series that nbval has just re-executed must reproduce the stored key figures
-within the stated tolerance (selprune/key_metrics.py). pytest collects this file after
+within the stated tolerance (selprune/experiment/key_metrics.py). pytest collects this file after
 the notebooks (digits sort before letters), so their run directory is complete by then."""
 
 from pathlib import Path
 
 import pytest
 
-from selprune.key_metrics import TOLERANCE, check
+from selprune.experiment.key_metrics import TOLERANCE, check
 
 RESULTS = Path(__file__).resolve().parent.parent / "runs" / "notebooks" / "results.json"
 

@@ -12,13 +12,8 @@ from selprune.texts import DATASETS, TextSource, load_texts, register_dataset, t
 
 __version__ = "0.1.0"
 
-_log = logging.getLogger("selprune")
-if not _log.handlers:  # show progress notes (e.g. a one-off model conversion) by default
-    _handler = logging.StreamHandler()
-    _handler.setFormatter(logging.Formatter("%(message)s"))
-    _log.addHandler(_handler)
-    _log.setLevel(logging.INFO)
-    _log.propagate = False
+# a library adds no handler of its own: `selprune` commands show its notes (cli.setup_logging)
+logging.getLogger("selprune").addHandler(logging.NullHandler())
 
 __all__ = [
     "DATASETS",

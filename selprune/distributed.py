@@ -3,7 +3,7 @@ per-rank sums are added.
 
 Why this is all it takes: activation statistics (float64 sums, counts, histograms) and
 evaluation metrics (integer counts, a float64 loss sum) are sums over tokens, and sums
-merge exactly by addition (method.md). So a run over W processes is the single-process run
+merge by addition (docs/method.md, "Data-parallel runs"). So a run over W processes is the single-process run
 with its batches dealt out: every process holds the whole model, runs its contiguous share
 of the batches, and one all-reduce per collection or evaluation adds the partial sums on
 every rank. Scoring, selection and pruning then happen on every rank from the same numbers

@@ -9,6 +9,8 @@ Under torch.distributed (`selprune.distributed`), every rank evaluates its shard
 windows and the counts and the loss sum are added over the ranks, so every rank gets the
 metrics of all the windows: the counts exactly those of one process, the loss up to the
 float64 order of adding batches.
+
+Definitions: docs/method.md, "Evaluation".
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from selprune import distributed
+from selprune.data import Data
 from selprune.models import float64_device, input_device
 
 METRICS = ("top1", "top10", "top1_skip", "top10_skip", "loss", "perplexity")
@@ -47,6 +50,17 @@ def evaluate(
         model.train(was_training)
 
 
+def evaluate_both(model: nn.Module, data: Data, batch_size: int, progress: bool) -> dict[str, dict[str, float]]:
+    """Metrics of forget and retain on their test windows, each with its own skip set."""
+    return {
+        # a hand-made Data without skip sets: the skip metrics equal the plain ones
+        "forget": evaluate(model, data.forget_test, data.skip.get("forget"), batch_size, progress, "eval forget"),
+        "retain": evaluate(model, data.retain_test, data.skip.get("retain"), batch_size, progress, "eval retain"),
+    }
+
+
+# long: the hot loop of every evaluation keeps its buffers and device-side accumulators in
+# locals, so no per-batch host sync or allocation hides behind a helper call
 def _evaluate(model: nn.Module, windows: torch.Tensor, skip_ids: torch.Tensor | None, batch_size: int,
               progress: bool, desc: str) -> dict[str, float]:
     windows = distributed.shard(windows, batch_size)  # this rank's batches (all of them single-process)

@@ -25,6 +25,14 @@ import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from selprune.devices import (  # noqa: F401 - part of this module's API since 0.1
+    DTYPES,
+    _cpu_name,
+    float64_device,
+    input_device,
+    resolve_device,
+    resolve_dtype,
+)
 from selprune.errors import SelpruneError
 from selprune.paths import atomic_write_json, cache_dir
 
@@ -55,14 +63,6 @@ MODELS: dict[str, ModelEntry] = {
     "gpt2": ModelEntry("hub", "openai-community/gpt2"),
 }
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -76,110 +76,6 @@ def register_model(name: str, entry: ModelEntry, *, overwrite: bool = False) -> 
 
 
 # --------------------------------------------------------------------- device and dtype
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`auto` picks CUDA, then MPS, then the CPU; an unavailable explicit device is an error."""
-    if str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise SelpruneError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SelpruneError(f"device {device!r} asked for, but torch sees no CUDA GPU; use device='cpu'")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise SelpruneError(f"device {device!r} asked for, but torch sees only {torch.cuda.device_count()} CUDA "
-                            f"GPU(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}, or cpu")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise SelpruneError(f"device {device!r} asked for, but MPS is not available; use device='cpu'")
-    return dev
-
-
-def float64_device(device: torch.device) -> torch.device:
-    """Where float64 sums for activations on `device` live: on `device` itself, so that a
-    batch adds to them without a device-to-host copy, except on MPS, which has no float64
-    (there the sums live on the CPU and each batch's float32 partial sums are copied over)."""
-    return torch.device("cpu") if device.type == "mps" else device
-
-
-def input_device(model: torch.nn.Module) -> torch.device:
-    """The device a model's input ids should be on: its input embedding's.
-
-    Not `next(model.parameters()).device`: with accelerate's `device_map` the first
-    parameter may sit elsewhere, and an offloaded embedding's weight is on the meta device
-    between forward passes, where its hook's execution device is the one that counts."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    weight = getattr(emb, "weight", None)
-    param = weight if isinstance(weight, torch.Tensor) else next(model.parameters())
-    if param.device.type == "meta":
-        execution = getattr(getattr(emb, "_hf_hook", None), "execution_device", None)
-        if execution is not None:
-            return torch.device("cuda", execution) if isinstance(execution, int) else torch.device(execution)
-    return param.device
-
-
-def cpu_bf16_is_fast() -> bool:
-    """Whether this CPU runs a bf16 matmul clearly faster than fp32 (measured once, cached).
-
-    Decided by a short benchmark rather than by CPU flags because the answer depends on
-    torch's kernels as much as on the hardware; cached per CPU model and torch version so
-    that the choice, and so `dtype="auto"` results, are stable across runs.
-    """
-    key = f"{_cpu_name()}|torch {torch.__version__}"
-    path = cache_dir() / "cpu_bf16.json"
-    try:
-        import json
-
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            return bool(cached["bf16_fast"])
-    except (OSError, ValueError, KeyError):
-        pass
-    times = {}
-    for dt in (torch.float32, torch.bfloat16):
-        a, w = torch.randn(256, 1024, dtype=dt), torch.randn(2048, 1024, dtype=dt)
-        a @ w.T  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(10):
-            a @ w.T
-        times[dt] = time.perf_counter() - t0
-    fast = times[torch.bfloat16] * 1.2 < times[torch.float32]
-    atomic_write_json(path, {"key": key, "bf16_fast": fast, "seconds": {str(k): v for k, v in times.items()}})
-    return fast
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
-def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> torch.dtype:
-    """`auto`: bf16 on a CPU that runs it fast, bf16 (or fp16 if unsupported) on CUDA, else fp32."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype != "auto":
-        if dtype not in DTYPES:
-            raise SelpruneError(f"unknown dtype {dtype!r}; use auto or one of {sorted(DTYPES)}")
-        return DTYPES[dtype]
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_bf16_is_fast():
-        return torch.bfloat16
-    return torch.float32
-
-
-# --------------------------------------------------------------------------- loaders
 def _packaged_gguf_path(location: str) -> Path:
     package, _, filename = location.partition("/")
     spec = importlib.util.find_spec(package)

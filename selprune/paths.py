@@ -8,22 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
-from selprune.errors import SelpruneError
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() gives a new file (mkstemp's are private, 0600)
 
 
 def cache_dir() -> Path:
@@ -41,10 +30,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # O_EXCL on a random name, mode 0666 less the umask: the permissions open() gives a
+    # new file (mkstemp's are private, 0600), without reading the umask by changing it
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -53,15 +43,6 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def read_json(path: str | Path) -> Any:
-    """Read a JSON file of a run directory; an unreadable one is a `SelpruneError` that
-    names it and the fix (never a bare JSONDecodeError)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SelpruneError(f"run file {path} is corrupt ({e}); delete the run directory and start again") from e
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

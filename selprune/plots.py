@@ -6,21 +6,33 @@ same way. `save_figure` writes a PNG atomically into the run directory's `figure
 
 from __future__ import annotations
 
+import functools
 import io
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import seaborn as sns
 import torch
 
 from selprune.paths import atomic_write_bytes
+from selprune.selectivity import relative_curves
 from selprune.stats import ActivationStats
 
-sns.set_theme(style="whitegrid", context="notebook")
 SIDE_COLORS = {"forget": "tab:red", "retain": "tab:blue"}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def themed(fn: F) -> F:
+    """Draw in seaborn's whitegrid/notebook theme without setting it for the session:
+    every figure looks the same whoever calls, and importing selprune changes nothing."""
+    @functools.wraps(fn)
+    def draw(*args: Any, **kwargs: Any) -> Any:
+        with sns.axes_style("whitegrid"), sns.plotting_context("notebook"), sns.color_palette("deep"):
+            return fn(*args, **kwargs)
+    return draw  # type: ignore[return-value]
 
 
 def save_figure(fig: plt.Figure, run_dir: str | Path, name: str) -> Path:
@@ -32,6 +44,7 @@ def save_figure(fig: plt.Figure, run_dir: str | Path, name: str) -> Path:
     return path
 
 
+@themed
 def activation_profile(forget: ActivationStats, retain: ActivationStats, kind: str = "ff") -> plt.Figure:
     """Per layer: the distribution over neurons of mean |activation|, forget beside retain."""
     rows = []
@@ -51,6 +64,7 @@ def activation_profile(forget: ActivationStats, retain: ActivationStats, kind: s
     return fig
 
 
+@themed
 def score_distributions(scores: dict[str, dict[str, torch.Tensor]], kind: str = "ff") -> plt.Figure:
     """Histogram of log10(score) for each importance function."""
     fig, ax = plt.subplots(figsize=(8, 3.5))
@@ -62,6 +76,7 @@ def score_distributions(scores: dict[str, dict[str, torch.Tensor]], kind: str = 
     return fig
 
 
+@themed
 def top_by_layer(selected: dict[str, torch.Tensor], kind: str = "ff") -> plt.Figure:
     """How many of the top-scoring neurons sit in each layer, per importance function."""
     rows = [{"importance": name, "layer": layer, "count": int(c)}
@@ -72,6 +87,7 @@ def top_by_layer(selected: dict[str, torch.Tensor], kind: str = "ff") -> plt.Fig
     return fig
 
 
+@themed
 def agreement_heatmap(agreement: pd.DataFrame, title: str) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(4.5, 3.8))
     sns.heatmap(agreement, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="viridis", ax=ax)
@@ -79,13 +95,15 @@ def agreement_heatmap(agreement: pd.DataFrame, title: str) -> plt.Figure:
     return fig
 
 
-def pruning_curves(runs: dict[str, list[dict[str, Any]]], kind_of: dict[str, str], metric: str = "top1") -> plt.Figure:
-    """Forget and retain `metric` against the fraction pruned, one line style per run."""
+@themed
+def pruning_curves(runs: dict[str, list[dict[str, Any]]], axis: str, metric: str = "top1") -> plt.Figure:
+    """Forget and retain `metric` against the fraction of `axis` ("ff" or "attn") neurons
+    pruned, one line style per run."""
     rows = []
     for name, records in runs.items():
         for r in records:
             for side in ("forget", "retain"):
-                rows.append({"run": name, "side": side, "fraction pruned": r["fraction"][kind_of[name]],
+                rows.append({"run": name, "side": side, "fraction pruned": r["fraction"][axis],
                              metric: r[side][metric]})
     df = pd.DataFrame(rows)
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -94,12 +112,13 @@ def pruning_curves(runs: dict[str, list[dict[str, Any]]], kind_of: dict[str, str
     return fig
 
 
+@themed
 def tradeoff(runs: dict[str, list[dict[str, Any]]], metric: str = "top1") -> plt.Figure:
     """Forget against retain, relative to the unpruned model: the lower-right is selective."""
     fig, ax = plt.subplots(figsize=(5, 4.5))
     for name, records in runs.items():
-        f = np.array([r["forget"][metric] for r in records]) / max(records[0]["forget"][metric], 1e-12)
-        t = np.array([r["retain"][metric] for r in records]) / max(records[0]["retain"][metric], 1e-12)
+        c = relative_curves(records, metric)
+        f, t = c["forget"], c["retain"]
         ax.plot(t, f, marker="o", label=name)
     ax.plot([0, 1], [0, 1], color="grey", ls=":", label="no selectivity")
     ax.set(xlabel=f"retain {metric} / unpruned", ylabel=f"forget {metric} / unpruned", xlim=(0, 1.05), ylim=(0, 1.05),
@@ -108,6 +127,7 @@ def tradeoff(runs: dict[str, list[dict[str, Any]]], metric: str = "top1") -> plt
     return fig
 
 
+@themed
 def recovery_curves(arms: dict[str, dict[str, Any]], metric: str = "top1") -> plt.Figure:
     """Forget and retain `metric` against retraining steps, per arm (anamnesia)."""
     rows = [{"arm": arm, "side": side, "step": r["step"], metric: r[side][metric]}

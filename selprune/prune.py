@@ -14,6 +14,8 @@ device. A model whose weights accelerate *offloads* (to the CPU or disk, loaded 
 the duration of each forward pass) is refused: between passes its weights are on the meta
 device, so there is nothing to write into, and a write into accelerate's offload store
 would depend on its internals (lost outright for disk offload).
+
+Definitions: docs/method.md, "Pruning (ablation)".
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from torch import nn
 
 from selprune.errors import SelpruneError
@@ -137,10 +139,6 @@ class Pruner:
 
     def save_masks(self, path: str | Path) -> None:
         atomic_write_bytes(path, save({k: m.to(torch.uint8) for k, m in self.masks.items()}))
-
-    @staticmethod
-    def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
-        return {k: t.bool() for k, t in load_file(str(path)).items()}
 
 
 def _check_resident(modules: list[nn.Module], kind: str) -> None:

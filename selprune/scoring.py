@@ -5,6 +5,8 @@ forget set than on the retain set scores high. The importance functions and scor
 functions are registries (`IMPORTANCE`, `SCORES`) that users extend with a decorator.
 `std` is the true standard deviation (the reference code used the variance), and
 `rms` is sqrt(mean x^2).
+
+Definitions: docs/method.md, "Importance functions" and "Scoring functions".
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Default: the top fraction *globally* across layers (the paper's choice), among n
 yet pruned. Options: a per-layer quota, and whole attention heads scored by the mean or
 median of their neurons' scores. Ties go to the lower flat index, so selection is
 deterministic whatever the sort implementation.
+
+Definitions: docs/method.md, "Selection".
 """
 
 from __future__ import annotations

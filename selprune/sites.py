@@ -1,6 +1,6 @@
 """Neuron sites: where the FF and attention neurons of a causal LM live.
 
-A neuron is one input channel of an output projection (method.md):
+A neuron is one input channel of an output projection (docs/method.md, "Neurons"):
 - FF neuron j of layer l: channel j of the input of block l's FFN output projection,
   after the activation (and gate product). Shape `[n_layers, d_mlp]`.
 - attention neuron (h, j): channel h * d_head + j of the input of the attention output

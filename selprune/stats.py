@@ -12,6 +12,8 @@ keep-mask; otherwise a pruned neuron would keep its statistics and win the ranki
 Under torch.distributed (`selprune.distributed`), `collect_stats` runs this rank's shard of
 the windows and adds the sums over all ranks, so every rank gets the statistics of all the
 windows: the same as one process, up to the float64 order of adding batches.
+
+Definitions: docs/method.md, "Activation statistics".
 """
 
 from __future__ import annotations
@@ -77,21 +79,6 @@ class ActivationStats:
     def shape(self, kind: str) -> tuple[int, ...]:
         return tuple(self.sums[kind]["sum"].shape)
 
-    # ------------------------------------------------------------------- merging
-    def __add__(self, other: ActivationStats) -> ActivationStats:
-        for kind in KINDS:
-            if self.shape(kind) != other.shape(kind):
-                raise SelpruneError(f"cannot add statistics of shapes {self.shape(kind)} and {other.shape(kind)}")
-        if set(self.hist) != set(other.hist) or (self.hist and self.hist_range != other.hist_range):
-            raise SelpruneError("cannot add statistics with different histogram settings")
-        return ActivationStats(
-            self.n_tokens + other.n_tokens,
-            {k: {f: self.sums[k][f] + other.sums[k][f] for f in FIELDS} for k in KINDS},
-            {k: self.hist[k] + other.hist[k] for k in self.hist},
-            self.hist_range,
-            {**self.meta, "tokens": self.n_tokens + other.n_tokens},
-        )
-
     # --------------------------------------------------------------------- files
     def save(self, path: str | Path) -> None:
         """Write as safetensors, with the metadata as JSON in the header; atomic."""
@@ -149,8 +136,8 @@ def empty_stats(sites: NeuronSites, hist_bins: int = 0, device: torch.device | s
 class StatsCollector:
     """Forward pre-hooks on every output projection that add each batch into the sums.
 
-    Use as a context manager around forward passes; call `set_token_mask` before each
-    batch with padding. Sums stay on the activations' device until `result()` (each
+    Use as a context manager around forward passes of fixed-length windows (every
+    token is real: selprune never pads). Sums stay on the activations' device until `result()` (each
     layer's on its own device, for a model sharded over several), so there is no
     device-to-host copy per batch (except on MPS, which has no float64: see
     `models.float64_device`).
@@ -168,7 +155,6 @@ class StatsCollector:
         self.hist_bins = hist_bins
         self.hist_range = hist_range
         self.n_tokens = 0
-        self.token_mask: torch.Tensor | None = None  # [batch * pos] bool
         self._acc: dict[tuple[str, int], torch.Tensor] = {}  # [FIELDS, d_in] float64 sums, on the layer's device
         self._hist: dict[tuple[str, int], torch.Tensor] = {}  # [d_in * hist_bins] float64 counts, likewise
         self._keep: dict[tuple[str, int], torch.Tensor] = {}
@@ -187,22 +173,10 @@ class StatsCollector:
         self._handles.clear()
         self._scratch.clear()
 
-    def set_token_mask(self, attention_mask: torch.Tensor | None) -> None:
-        """Mark the real tokens of the next batch (`[batch, pos]`, 1 = real); None: all real.
-
-        Tokens are counted as the first layer's FF hook sees them (after the mask), so the
-        count always matches the sums, with or without a mask."""
-        if attention_mask is None or bool(attention_mask.all()):
-            self.token_mask = None
-        else:
-            self.token_mask = attention_mask.reshape(-1).bool()
-
     def _hook(self, kind: str, layer: int):
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0].detach()  # [batch, pos, d_in]; statistics are never differentiated
             x = x.reshape(-1, x.shape[-1])  # [tokens, d_in]
-            if self.token_mask is not None:
-                x = x[self.token_mask.to(x.device)]
             if kind == KINDS[0] and layer == 0:  # once per forward pass
                 self.n_tokens += x.shape[0]
             key = (kind, layer)
@@ -338,7 +312,6 @@ def collect_stats(
         with torch.inference_mode(), collector:
             for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
                 ids = windows[start : start + batch_size].to(device)  # [batch, pos]
-                collector.set_token_mask(None)  # fixed-length windows: every token is real
                 body(input_ids=ids, use_cache=False)
     finally:
         model.train(was_training)

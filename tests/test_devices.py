@@ -6,7 +6,6 @@ pruning is refused with the fix)."""
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +22,8 @@ from tiny_models import random_windows, tiny_model  # noqa: E402
 from selprune import stats as stats_module  # noqa: E402
 from selprune.errors import SelpruneError  # noqa: E402
 from selprune.evaluate import evaluate  # noqa: E402
-from selprune.loop import PruneConfig, run_pruning  # noqa: E402
+from selprune.experiment.config import Config  # noqa: E402
+from selprune.experiment.loop import run_pruning  # noqa: E402
 from selprune.models import float64_device, input_device, load_model  # noqa: E402
 from selprune.prune import Pruner  # noqa: E402
 from selprune.sites import KINDS, find_sites, weight_out_in  # noqa: E402
@@ -185,10 +185,9 @@ def test_offloaded_model_collects_but_refuses_pruning(tmp_path: Path) -> None:
     assert evaluate(offloaded, windows, progress=False) == pytest.approx(evaluate(plain, windows, progress=False))
     with pytest.raises(SelpruneError, match=r"layer 1 has its weights offloaded.*device_map='auto' over enough GPUs"):
         Pruner(offloaded, sites)
-    cfg = PruneConfig(model="tiny", forget="f", retain="r", ff_frac=0.1, steps=1, window=10, collect_tokens=40,
-                      eval_tokens=40)
+    cfg = Config(ff_frac=0.1, steps=1, window=10, retrain_window=10, collect_tokens=40, eval_tokens=40)
     with pytest.raises(SelpruneError, match="offloaded"):
-        run_pruning(replace(cfg), tmp_path / "run", offloaded, None, None, progress=False)
+        run_pruning(cfg, "ff", tmp_path / "run", offloaded, None, None, progress=False)
     assert not (tmp_path / "run").exists()
 
 

@@ -7,12 +7,13 @@ behaviour and the command's parameter parsing.
 The ranks are forked from the test process (torch and transformers already imported, so
 a rank starts in milliseconds) and meet at a free port; each writes what it saw to a file
 that the test compares with a single-process run. One slow test launches the documented
-`torchrun ... -m selprune.cli prune` command itself.
+`torchrun ... -m selprune prune` command itself.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -21,7 +22,6 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +33,16 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_loop import CFG, make_data  # noqa: E402
 from tiny_models import random_windows, tiny_model  # noqa: E402
 
-from selprune import cli, distributed, loop  # noqa: E402
+from selprune import distributed  # noqa: E402
+from selprune.data import Data  # noqa: E402
 from selprune.errors import SelpruneError  # noqa: E402
 from selprune.evaluate import evaluate  # noqa: E402
-from selprune.loop import run_pruning  # noqa: E402
-from selprune.prune_command import config_from  # noqa: E402
+from selprune.experiment import cli, loop  # noqa: E402
+from selprune.experiment.config import Config  # noqa: E402
+from selprune.experiment.loop import run_pruning  # noqa: E402
+from selprune.experiment.prune_command import config_from  # noqa: E402
 from selprune.sites import KINDS, decoder_blocks, find_sites  # noqa: E402
 from selprune.stats import FIELDS, collect_stats  # noqa: E402
 
@@ -151,7 +153,34 @@ class _Forbidden:
         raise AssertionError("a rank other than 0 opened the run directory")
 
 
-DIST_CFG = replace(CFG, batch_size=3, ablation="mean")  # 4 windows: batches of 3 and 1 (unequal shards)
+# FF and attention neurons in one run (`both`), mean ablation: every collective the loop has.
+# 4 windows: batches of 3 and 1 (unequal shards)
+DIST_CFG = Config(ff_frac=0.1, attn_frac=0.05, steps=3, window=16, retrain_window=16, collect_tokens=64,
+                  eval_tokens=64, batch_size=3, skip_k=5, ablation="mean")
+RUN = "both"
+
+
+@functools.cache
+def _greedy_windows(lo: int, hi: int, seed: int) -> torch.Tensor:
+    """4 windows of 16 tokens: a random 4-token prompt from ids lo..hi-1, continued greedily
+    by the tiny llama (seed 0) that the runs prune, so that its unpruned top-1 accuracy is
+    high and pruning visibly lowers it."""
+    model = tiny_model("llama", seed=0)
+    ids = random_windows(4, 4, seed=seed, vocab=hi - lo, low=0) + lo
+    with torch.no_grad():
+        while ids.shape[1] < 16:
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids
+
+
+def make_data(seed: int = 0) -> Data:
+    """Forget prompts use token ids 3..63, retain prompts 64..127: the sets activate differently."""
+    def win(lo: int, hi: int, s: int) -> torch.Tensor:
+        return _greedy_windows(lo, hi, s).clone()
+
+    d = Data(win(3, 64, seed), win(64, 128, seed + 1), win(3, 64, seed + 2), win(64, 128, seed + 3))
+    d.skip = {"forget": torch.tensor([3, 4, 5]), "retain": torch.tensor([64, 65])}
+    return d
 
 
 def _prune_runs(out: Path) -> dict[str, Any]:
@@ -159,14 +188,14 @@ def _prune_runs(out: Path) -> dict[str, Any]:
         loop.RunDir = _Forbidden  # the forked rank's own copy of the module
     seen: dict[str, Any] = {}
     data = make_data()
-    records, pruner = run_pruning(DIST_CFG, out / "run", tiny_model("llama"), None, data, progress=False)
+    records, pruner = run_pruning(DIST_CFG, RUN, out / "run", tiny_model("llama"), None, data, progress=False)
     seen["records"], seen["masks"] = records, pruner.masks
     # resume with more steps: rank 0 reads the finished steps, and every rank replays them
-    records, pruner = run_pruning(replace(DIST_CFG, steps=4), out / "run", tiny_model("llama"), None, data,
+    records, pruner = run_pruning(DIST_CFG.replace(steps=4), RUN, out / "run", tiny_model("llama"), None, data,
                                   progress=False)
     seen["resumed_records"], seen["resumed_masks"] = records, pruner.masks
     try:  # rank 0 refuses a run directory made with other parameters: so must every rank
-        run_pruning(replace(DIST_CFG, ff_frac=0.2), out / "run", tiny_model("llama"), None, data, progress=False)
+        run_pruning(DIST_CFG.replace(ff_frac=0.2), RUN, out / "run", tiny_model("llama"), None, data, progress=False)
         seen["error"] = None
     except SelpruneError as e:
         seen["error"] = str(e)
@@ -193,7 +222,7 @@ def _step_files(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
 def test_pruning_run_over_two_ranks_equals_one_process(tmp_path: Path) -> None:
     ranks = run_ranks(_prune_runs, tmp_path / "dist")
     single_dir = tmp_path / "single"
-    records, pruner = run_pruning(replace(DIST_CFG, steps=4), single_dir, tiny_model("llama"), None, make_data(),
+    records, pruner = run_pruning(DIST_CFG.replace(steps=4), RUN, single_dir, tiny_model("llama"), None, make_data(),
                                   progress=False)
     # the same neurons, step by step: the step files are identical (masks and ablation constants)
     dist_steps, single_steps = _step_files(tmp_path / "dist" / "run"), _step_files(single_dir)
@@ -217,12 +246,13 @@ def test_pruning_run_over_two_ranks_equals_one_process(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------- the command
-def _prune_args(model_dir: Path, data: Path) -> list[str]:
-    """`selprune prune` on the tiny Llama, with two small local datasets (the bundled
-    corpora's long documents take seconds to tokenise, in every process)."""
-    return ["-p", "model", str(model_dir), "-p", "forget", str(data / "code"), "-p", "retain", str(data / "prose"),
+def _prune_args(model_dir: Path, data: Path, run: str | None = "both") -> list[str]:
+    """`selprune prune --run-kind RUN` (None: the default run, ff) on the tiny Llama, with two
+    small local datasets (the bundled corpora's long documents take seconds to tokenise,
+    in every process)."""
+    return [*(["--run-kind", run] if run else []), "-p", "model", str(model_dir), "-p", "forget", str(data / "code"), "-p", "retain", str(data / "prose"),
             "-p", "steps", "2", "-p", "ff_frac", "0.1", "-p", "attn_frac", "0.05", "-p", "collect_tokens", "160",
-            "-p", "eval_tokens", "96", "-p", "window", "32", "-p", "batch_size", "2", "-p", "dtype", "float32",
+            "-p", "eval_tokens", "96", "-p", "window", "32", "-p", "retrain_window", "32", "-p", "batch_size", "2", "-p", "dtype", "float32",
             "--device", "cpu", "--quiet"]
 
 
@@ -282,9 +312,9 @@ def test_prune_command_over_two_ranks_equals_one_process(tmp_path: Path, tiny_ll
 def test_torchrun_launch_of_the_prune_command(tmp_path: Path, tiny_llama_dir: Path, small_data: Path) -> None:
     """The invocation the README documents, as a user types it (about 30 s on 2 cores:
     each process imports torch and transformers afresh)."""
-    args = _prune_args(tiny_llama_dir, small_data)
+    args = _prune_args(tiny_llama_dir, small_data, run=None)
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "selprune.cli", "prune", *args]
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "selprune", "prune", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*cmd, "--out", str(tmp_path / "dist")], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -294,6 +324,23 @@ def test_torchrun_launch_of_the_prune_command(tmp_path: Path, tiny_llama_dir: Pa
     assert list(dist_steps) == list(single_steps) and len(single_steps) == 2
     for name, tensors in single_steps.items():
         assert all(torch.equal(dist_steps[name][k], t) for k, t in tensors.items())
+
+
+PRUNE_OPTIONS = ["--run-kind", "attn", "-f", "run.yaml", "-p", "steps", "2", "--preset", "paper", "--out", "x",
+                 "--device", "cpu", "--device-map", "auto", "--save-model", "--quiet"]
+
+
+@pytest.mark.parametrize("options", [
+    pytest.param(PRUNE_OPTIONS[2:], id="without --run-kind"),
+    pytest.param(PRUNE_OPTIONS, id="with --run-kind"),  # not --run: torchrun took it for its --run-path
+])
+def test_torchrun_hands_every_prune_option_to_the_command(options: list[str]) -> None:
+    """torchrun parses its own options before the script's: none of `selprune prune`'s may
+    look like (an abbreviation of) one of torchrun's. Checked on torchrun's parser itself."""
+    from torch.distributed.run import get_args_parser
+
+    args = get_args_parser().parse_args(["--standalone", "--nproc_per_node", "2", "-m", "selprune", "prune", *options])
+    assert (args.module, args.training_script, args.training_script_args) == (True, "selprune", ["prune", *options])
 
 
 # ------------------------------------------------------------- single-process helpers
@@ -344,18 +391,36 @@ def test_init_without_torchrun_variables_names_the_launcher(monkeypatch: pytest.
 # ---------------------------------------------------------------- parameter parsing
 def test_prune_parameters_are_typed() -> None:
     cfg = config_from({"forget": "code", "retain": "prose", "eps_ff": "1e-3", "ff_frac": 0, "attn_frac": 0.05,
-                       "steps": 3, "heads": None, "per_layer": True})
-    assert cfg.eps_ff == 0.001 and isinstance(cfg.ff_frac, float) and cfg.steps == 3 and cfg.per_layer is True
+                       "steps": 3, "heads": "median", "selection": "per_layer"}, "attn_heads")
+    assert cfg.eps_ff == 0.001 and isinstance(cfg.ff_frac, float) and cfg.steps == 3
+    assert (cfg.heads, cfg.selection) == ("median", "per_layer")
     with pytest.raises(SelpruneError, match="steps must be an integer"):
-        config_from({"steps": 2.5})
-    with pytest.raises(SelpruneError, match="per_layer must be true or false"):
-        config_from({"per_layer": "yes please"})
-    with pytest.raises(SelpruneError, match="option --device"):
-        config_from({"device": "cuda"})
-    with pytest.raises(SelpruneError, match="unknown parameter 'stepz'.*steps"):
-        config_from({"stepz": 3})
+        config_from({"steps": 2.5}, "ff")
+    with pytest.raises(SelpruneError, match="selection='yes please' is not one of global, per_layer"):
+        config_from({"selection": "yes please"}, "ff")
+    with pytest.raises(SelpruneError, match=r"unknown parameters \['stepz'\] \(stepz: did you mean steps\?\)"):
+        config_from({"stepz": 3}, "ff")
     with pytest.raises(SelpruneError, match="ff_frac"):  # and the config is validated
-        config_from({"ff_frac": 1.5})
+        config_from({"ff_frac": 1.5}, "ff")
+
+
+def test_prune_parameters_have_the_series_names_and_defaults() -> None:
+    """`selprune prune` speaks the schema: the old names are renamed (with a note), the
+    defaults are `selprune run`'s, and the series' own parameters are accepted and named
+    in a note (one parameter file serves every command)."""
+    notes: list[str] = []
+    cfg = config_from({"per_layer": True, "mode": "one-shot", "retrain_steps": 3, "runs": "ff"}, "ff",
+                      note=notes.append)
+    assert (cfg.selection, cfg.prune_mode) == ("per_layer", "one-shot")
+    assert cfg.replace(selection="global", prune_mode="iterative", retrain_steps=16, runs=Config().runs) == Config()
+    assert len(notes) == 1 and "does not use retrain_steps, runs" in notes[0]
+
+
+def test_a_run_without_its_fraction_names_the_fix() -> None:
+    with pytest.raises(SelpruneError, match=r"--run-kind attn prunes attn neurons, but attn_frac=0.0; set attn_frac above 0 "
+                                            r"\(e.g. -p attn_frac 0.02\)"):
+        config_from({"attn_frac": 0}, "attn")
+    assert config_from({"attn_frac": 0}, "ff").attn_frac == 0.0, "a fraction the run does not use may be 0"
 
 
 def test_prune_command_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

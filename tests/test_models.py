@@ -319,6 +319,25 @@ def test_malformed_spec_errors(spec, monkeypatch):
         load_model(spec, dtype="float32", device="cpu")
 
 
+def test_unknown_model_spec_names_the_shortcuts_and_the_fix(tmp_path):
+    with pytest.raises(SelpruneError, match=r"unknown model 'no-such-model': not a shortcut \(.*smollm2-135m.*\).*pass one"):
+        load_model("no-such-model", dtype="float32", device="cpu")
+    # the check without loading anything, which parameter validation runs before any work
+    with pytest.raises(SelpruneError, match=r"unknown model '\./nowhere/model'.*check the spelling, or that the path "
+                                            r"exists"):
+        models.model_spec_kind("./nowhere/model")
+
+
+def test_series_refuses_an_unknown_model_before_making_its_run_directory(tmp_path):
+    """Notebook parameters and `selprune run` fail on it before loading anything."""
+    from selprune.experiment.series import Series
+
+    with pytest.raises(SelpruneError, match=r"unknown model '\./nowhere/model'.*check the spelling, or that the path "
+                                            r"exists"):
+        Series(progress=False, model="./nowhere/model", run_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists(), "a refused run must not create its run directory"
+
+
 def test_folder_without_config_errors(tmp_path):
     with pytest.raises(SelpruneError, match="config.json"):
         load_model(str(tmp_path), dtype="float32", device="cpu")
@@ -356,19 +375,13 @@ def test_unknown_dtype_lists_valid_ones():
     assert all(name in msg for name in DTYPES)
 
 
-def test_auto_dtype_on_cpu_follows_benchmark():
-    dtype = resolve_dtype("auto", "cpu")
-    assert dtype in (torch.float32, torch.bfloat16)
-    assert dtype == (torch.bfloat16 if models.cpu_bf16_is_fast() else torch.float32)
-
-
-@pytest.mark.parametrize("fast", [True, False])
-def test_auto_dtype_uses_cached_benchmark(tmp_cache, fast):
-    key = f"{models._cpu_name()}|torch {torch.__version__}"
+def test_auto_dtype_is_float32_on_every_cpu(tmp_cache):
+    """`auto` never depends on the machine on a CPU: a cached "bf16 is fast" verdict from an
+    earlier selprune (which timed a matmul) is ignored."""
     tmp_cache.mkdir(parents=True)
-    (tmp_cache / "cpu_bf16.json").write_text(json.dumps({"key": key, "bf16_fast": fast}))
-    assert models.cpu_bf16_is_fast() is fast
-    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if fast else torch.float32)
+    (tmp_cache / "cpu_bf16.json").write_text(json.dumps({"key": "any", "bf16_fast": True}))
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
 
 
 def test_device_resolution():

@@ -63,7 +63,7 @@ def test_environment_yml_installs_the_package():
 
 
 def test_console_script_declared(pyproject):
-    assert pyproject["project"]["scripts"]["selprune"] == "selprune.cli:main"
+    assert pyproject["project"]["scripts"]["selprune"] == "selprune.experiment.cli:main"
 
 
 def test_console_script_target_exists(pyproject):

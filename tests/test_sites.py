@@ -154,6 +154,22 @@ def test_unfindable_architecture_error_and_registration(monkeypatch: pytest.Monk
         find_sites(model)
 
 
+def test_architecture_without_neuron_sites_names_the_fix(tmp_path: Path, smollm_tokenizer) -> None:
+    """A model directory of an architecture with no attention and no MLP (Mamba) loads,
+    but finding its sites (the first step of every notebook) says what to register."""
+    import transformers as T
+
+    from selprune.models import load_model
+
+    mamba = tmp_path / "tiny-mamba"
+    T.MambaForCausalLM(T.MambaConfig(vocab_size=len(smollm_tokenizer), hidden_size=16, state_size=4,
+                                     num_hidden_layers=2, intermediate_size=32)).save_pretrained(mamba)
+    smollm_tokenizer.save_pretrained(mamba)
+    model, _ = load_model(str(mamba), dtype="float32", device="cpu")
+    with pytest.raises(SelpruneError, match=r"architecture 'mamba' .* no registered neuron sites.*register_architecture"):
+        find_sites(model)
+
+
 def test_conv1d_in_features_is_transposed() -> None:
     model = tiny_model("gpt2")
     s = find_sites(model)

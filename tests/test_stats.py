@@ -1,5 +1,6 @@
-"""Activation statistics: equal to a brute-force float64 computation, padding excluded,
-mergeable, saved and loaded intact, and guarded against mismatched or broken inputs."""
+"""Activation statistics: equal to a brute-force float64 computation, independent of the
+batching, saved and loaded intact, and guarded against mismatched or broken inputs (a
+file from another model, a corrupt file, NaN activations), by the series too."""
 
 from __future__ import annotations
 
@@ -41,19 +42,18 @@ class Capture:
         for h in self.handles:
             h.remove()
 
-    def tokens(self, kind: str, layer: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """All captured activations as `[tokens, d_in]` float64 (rows where `mask`, if given)."""
-        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in self.inputs[(kind, layer)]])
-        return x if mask is None else x[mask.reshape(-1).bool()]
+    def tokens(self, kind: str, layer: int) -> torch.Tensor:
+        """All captured activations as `[tokens, d_in]` float64."""
+        return torch.cat([t.reshape(-1, t.shape[-1]) for t in self.inputs[(kind, layer)]])
 
 
-def brute_force(cap: Capture, mask: torch.Tensor | None = None) -> dict[str, dict[str, torch.Tensor]]:
+def brute_force(cap: Capture) -> dict[str, dict[str, torch.Tensor]]:
     out = {}
     for kind in KINDS:
         shape = cap.sites.shape(kind)
         per_layer = {f: [] for f in FIELDS}
         for layer in range(shape[0]):
-            x = cap.tokens(kind, layer, mask)
+            x = cap.tokens(kind, layer)
             per_layer["sum"].append(x.sum(0))
             per_layer["sum_sq"].append((x * x).sum(0))
             per_layer["sum_abs"].append(x.abs().sum(0))
@@ -121,60 +121,30 @@ def test_collect_in_eval_mode_even_for_a_training_model() -> None:
         torch.testing.assert_close(noisy.sums[kind]["sum"], ref.sums[kind]["sum"], rtol=1e-6, atol=1e-6)
 
 
-def test_padding_excluded() -> None:
-    model = tiny_model("llama")
-    sites = find_sites(model)
-    ids = random_windows(3, 10, seed=3)
-    mask = torch.ones_like(ids)
-    mask[0, 6:] = 0  # right padding
-    mask[2, 3:] = 0
-    ids[mask == 0] = 0
-    body = model.model
-    with Capture(sites) as cap, StatsCollector(sites) as col, torch.no_grad():
-        col.set_token_mask(mask)
-        body(input_ids=ids, attention_mask=mask)
-    stats = col.result()
-    assert stats.n_tokens == int(mask.sum())
-    assert_sums_close(stats, brute_force(cap, mask))
-    # and the padding did contribute something that was left out
-    assert not torch.allclose(stats.sums["ff"]["sum_abs"], brute_force(cap)["ff"]["sum_abs"])
-
-
-def test_collector_counts_tokens_without_a_mask() -> None:
-    """`set_token_mask(None)` means "all tokens are real": they must be counted."""
+def test_collector_counts_every_token_of_every_batch() -> None:
+    """StatsCollector used directly (as the explorer and the benchmarks do): every position
+    of every forward pass is a real token, and the sums are the same as collect_stats'."""
     model = tiny_model("llama")
     sites = find_sites(model)
     ids = random_windows(2, 7)
     with StatsCollector(sites) as col, torch.no_grad():
-        col.set_token_mask(None)
         model.model(input_ids=ids)
-        model.model(input_ids=ids[:1])  # no set_token_mask at all: still all real
+        model.model(input_ids=ids[:1])
     stats = col.result()
     assert stats.n_tokens == 3 * 7
     ref = collect_stats(model, sites, torch.cat([ids, ids[:1]]), progress=False)
     torch.testing.assert_close(stats.mean("ff"), ref.mean("ff"), rtol=1e-5, atol=1e-6)
 
 
-def test_mergeable() -> None:
+def test_histogram_counts_every_token_once_per_neuron() -> None:
     model = tiny_model("gpt2")
     sites = find_sites(model)
-    a, b = random_windows(3, 9, seed=4), random_windows(2, 9, seed=5)
-    sa = collect_stats(model, sites, a, hist_bins=16, progress=False)
-    sb = collect_stats(model, sites, b, hist_bins=16, progress=False)
-    sab = collect_stats(model, sites, torch.cat([a, b]), hist_bins=16, progress=False)
-    merged = sa + sb
-    assert merged.n_tokens == sab.n_tokens == 45
-    assert merged.meta["tokens"] == 45
+    stats = collect_stats(model, sites, random_windows(5, 9, seed=4), hist_bins=16, progress=False)
+    assert stats.n_tokens == stats.meta["tokens"] == 45
     for kind in KINDS:
-        for f in FIELDS:
-            torch.testing.assert_close(merged.sums[kind][f], sab.sums[kind][f], rtol=1e-6, atol=1e-6)
-        assert torch.equal(merged.hist[kind], sab.hist[kind])
-        assert merged.hist[kind].sum() == 45 * sites.numel(kind)
-    with pytest.raises(SelpruneError, match="histogram"):
-        sa + collect_stats(model, sites, b, progress=False)
-    other = collect_stats(tiny_model("gpt2", n_inner=40), find_sites(tiny_model("gpt2", n_inner=40)), b, progress=False)
-    with pytest.raises(SelpruneError, match="shape"):
-        sa.__class__.__add__(collect_stats(model, sites, b, progress=False), other)
+        assert stats.hist[kind].shape == (*sites.shape(kind), 16)
+        assert stats.hist[kind].sum() == 45 * sites.numel(kind)
+        assert (stats.hist[kind].sum(-1) == 45).all()
 
 
 def test_save_load_roundtrip(tmp_path: Path) -> None:
@@ -215,6 +185,27 @@ def _corrupt_files(tmp_path: Path, good: Path) -> list[Path]:
     save_file({f"{k}.{f}": torch.zeros(2) for k in KINDS for f in FIELDS}, str(p), metadata={"selprune": "{}"})
     out.append(p)
     return out
+
+
+def test_statistics_from_another_model_name_the_fix(tmp_path: Path) -> None:
+    """Statistics saved from another model (d_mlp 40, not 48) are refused when loaded for
+    this one, with the model they came from and the fix."""
+    other = tiny_model("llama", intermediate_size=40)
+    f = tmp_path / "forget.safetensors"
+    collect_stats(other, find_sites(other), random_windows(2, 8), meta={"model": "other-tiny-llama"},
+                  progress=False).save(f)
+    model = tiny_model("llama")
+    with pytest.raises(SelpruneError, match=r"statistics have ff shape \(2, 40\) but the model has \(2, 48\): they come "
+                                            r"from another model \(other-tiny-llama\); collect them again"):
+        ActivationStats.load(f).check_matches(find_sites(model), "tiny-llama")
+
+
+def test_corrupt_statistics_file_names_the_fix(tmp_path: Path) -> None:
+    f = tmp_path / "forget.safetensors"
+    f.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+    with pytest.raises(SelpruneError, match=r"statistics file .*forget.safetensors is corrupt .*delete it and collect "
+                                            r"again"):
+        ActivationStats.load(f)
 
 
 def test_corrupt_or_missing_file(tmp_path: Path) -> None:
@@ -271,7 +262,6 @@ def test_histogram_peak() -> None:
     attn = torch.randn(2, 40, 4, generator=g)
     col = StatsCollector(sites, hist_bins=bins, hist_range=(lo, hi))
     with col:
-        col.set_token_mask(None)
         _feed(sites, col, {"ff": ff, "attn": attn})
     stats = col.result()
     assert stats.hist["ff"].shape == (2, 3, bins)
@@ -292,13 +282,13 @@ def test_histogram_peak() -> None:
         no_hist.peak("ff")
 
 
-def test_nan_activations_name_the_layer() -> None:
+def test_nan_activations_name_the_layer_and_the_fix() -> None:
     model = tiny_model("llama")
     with torch.no_grad():
         decoder_blocks(model)[1].mlp.up_proj.weight[0, 0] = float("nan")
     sites = find_sites(model)
-    with pytest.raises(SelpruneError, match=r"ff activations of layer 1"):
-        collect_stats(model, sites, random_windows(1, 4), progress=False)
+    with pytest.raises(SelpruneError, match=r"NaN or inf in the ff activations of layer 1: .*try dtype='float32'"):
+        collect_stats(model, sites, random_windows(2, 8), progress=False)
 
 
 def test_removed_neurons_read_as_zero() -> None:
@@ -350,3 +340,37 @@ def test_smollm2_few_tokens_brute_force(smollm) -> None:
         stats = collect_stats(model, sites, windows, progress=False)
     assert stats.shape("attn") == (30, 9, 64) and stats.n_tokens == 16
     assert_sums_close(stats, brute_force(cap), rtol=1e-5)
+
+
+# ----------------------------------------------------- statistics a series finds there
+SERIES = {"collect_tokens": 256, "eval_tokens": 256, "window": 64, "retrain_window": 32, "steps": 2,
+          "ff_frac": 0.05, "attn_frac": 0.05, "dtype": "float32", "device": "cpu"}
+
+
+def _series(run_dir: Path, model_dir: Path):
+    from selprune.experiment.series import Series
+
+    return Series(progress=False, **SERIES, model=str(model_dir), run_dir=str(run_dir))
+
+
+def test_series_refuses_statistics_from_another_model(tmp_path: Path, shared_tiny_llama_dir: Path,
+                                                      tiny_llama) -> None:
+    """Statistics left in a run directory by another model (d_mlp 48, not the tiny Llama's 64)
+    are refused by notebook 01's step, not used."""
+    other = tiny_llama(intermediate_size=48)
+    windows = torch.randint(3, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    st = collect_stats(other, find_sites(other), windows, meta={"model": "other-tiny-llama"}, progress=False)
+    for side in ("forget", "retain"):
+        st.save(tmp_path / "run" / "stats" / f"{side}.safetensors")
+    with pytest.raises(SelpruneError, match=r"statistics have ff shape \(2, 48\) but the model has \(2, 64\): they come "
+                                            r"from another model \(other-tiny-llama\); collect them again"):
+        _series(tmp_path / "run", shared_tiny_llama_dir).collect()
+
+
+def test_series_refuses_a_corrupt_statistics_file(tmp_path: Path, shared_tiny_llama_dir: Path) -> None:
+    f = tmp_path / "run" / "stats" / "forget.safetensors"
+    f.parent.mkdir(parents=True)
+    f.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+    with pytest.raises(SelpruneError, match=r"statistics file .*forget.safetensors is corrupt .*delete it and collect "
+                                            r"again"):
+        _series(tmp_path / "run", shared_tiny_llama_dir).collect()

@@ -138,9 +138,8 @@ def test_local_folder_missing_one_split_file_errors(tmp_path):
 def test_missing_text_field_names_it(tmp_path):
     path = tmp_path / "notes.jsonl"
     write_jsonl(path, [{"body": t} for t in docs(5)])
-    with pytest.raises(SelpruneError) as e:
+    with pytest.raises(SelpruneError, match=r"has no field 'text' \(it has \['body'\]\); pass text_field="):
         load_texts(str(path), "train")
-    assert "'text'" in str(e.value) and "body" in str(e.value)
     with pytest.raises(SelpruneError, match="'content'"):
         load_texts(str(path), "train", text_field="content")
 
@@ -156,6 +155,40 @@ def test_unknown_spec_errors(tmp_path):
     with pytest.raises(SelpruneError) as e:
         load_texts(str(tmp_path / "no-such-corpus"), "train")
     assert "unknown dataset" in str(e.value) and "prose" in str(e.value) and "hub:" in str(e.value)
+
+
+def test_missing_dataset_names_the_fix(tmp_path):
+    missing = str(tmp_path / "no-such-corpus.jsonl")
+    with pytest.raises(SelpruneError, match=r"unknown dataset .*no-such-corpus.jsonl.*no file or folder .*check the path"):
+        load_texts(missing, "train")
+    # the check without reading anything, which parameter validation runs before any work
+    with pytest.raises(SelpruneError, match=r"no-such-corpus.jsonl.*check the path"):
+        texts.check_dataset_spec(missing)
+
+
+def test_series_refuses_a_missing_dataset_before_making_its_run_directory(tmp_path):
+    from selprune.experiment.series import Series
+
+    missing = str(tmp_path / "no-such-corpus.jsonl")
+    with pytest.raises(SelpruneError, match=r"no-such-corpus.jsonl.*check the path"):
+        Series(progress=False, forget=missing, run_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_dataset_names_the_file_and_the_fix(tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    (folder / "docs.jsonl").write_text("")
+    with pytest.raises(SelpruneError, match=r"dataset .*empty is empty \(no text in docs.jsonl\); add documents"):
+        load_texts(str(folder), "train")
+
+
+def test_malformed_dataset_file_names_the_fix(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": \n')
+    with pytest.raises(SelpruneError, match=r"cannot read dataset .*broken.jsonl as json.*fix or remove the malformed "
+                                            r"file"):
+        load_texts(str(path), "train")
 
 
 # ----------------------------------------------------------------------- hub sets
@@ -265,6 +298,12 @@ def test_strict_shortfall_errors(smollm_tokenizer):
     assert str(budget) in str(e.value) and f"{available} windows" in str(e.value)
     w = token_windows(documents, smollm_tokenizer, window=16, max_tokens=budget, seed=0, strict=False)
     assert w.shape == (available, 16)
+
+
+def test_dataset_too_small_for_the_token_budget_names_the_fix(smollm_tokenizer):
+    with pytest.raises(SelpruneError, match=r"hold only \d+ tokens .*short of the budget of 4096; lower the token "
+                                            r"budget"):
+        token_windows(["def f(x):\n    return x\n"] * 3, smollm_tokenizer, window=64, max_tokens=4096)
 
 
 def test_empty_texts_error(smollm_tokenizer):

@@ -20,6 +20,28 @@ def add_param_options(parser: argparse.ArgumentParser) -> None:
                         help="set one parameter (repeatable); overrides the file")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a mapping giving one key twice is an error (PyYAML
+    would keep the last value silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                break  # SafeLoader's own construct_mapping names that error
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any) -> None:
+        super().__init__(key)
+        self.key = key
+
+
 def read_params(file: Path | None, pairs: list[list[str]]) -> dict[str, Any]:
     """The YAML file's mapping, overridden by the `-p NAME VALUE` pairs, whose values are
     read as YAML too ("0.01" -> float, "abs" -> str, "null" -> None). Names and types are
@@ -27,7 +49,9 @@ def read_params(file: Path | None, pairs: list[list[str]]) -> dict[str, Any]:
     params: dict[str, Any] = {}
     if file is not None:
         try:
-            loaded = yaml.safe_load(file.read_text()) or {}
+            loaded = yaml.load(file.read_text(), Loader=_UniqueKeyLoader) or {}
+        except _DuplicateKey as e:
+            raise SelpruneError(f"parameter file {file} gives {e.key} twice; keep one of them") from None
         except (OSError, yaml.YAMLError) as e:
             raise SelpruneError(f"cannot read parameter file {file}: {e}") from e
         if not isinstance(loaded, dict):

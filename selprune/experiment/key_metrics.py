@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from selprune.errors import SelpruneError
-from selprune.paths import REPO_ROOT, atomic_write_json, read_json
+from selprune.experiment.rundir import read_json
+from selprune.paths import REPO_ROOT, atomic_write_json
 
 KEY_METRICS_FILE = REPO_ROOT / "notebooks" / "key_metrics.json"
 TOLERANCE = {"accuracy": 0.02, "derived": 0.05}  # absolute; see the module docstring

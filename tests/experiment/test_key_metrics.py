@@ -1,11 +1,11 @@
-"""The regression check on the stored notebooks' key figures (selprune/key_metrics.py)."""
+"""The regression check on the stored notebooks' key figures (selprune/experiment/key_metrics.py)."""
 
 import copy
 
 import pytest
 
 from selprune.errors import SelpruneError
-from selprune.key_metrics import TOLERANCE, check, compare, key_metrics, record
+from selprune.experiment.key_metrics import TOLERANCE, check, compare, key_metrics, record
 
 
 def _results() -> dict:

@@ -11,19 +11,29 @@ import os
 import shutil
 import sys
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import nbformat
 
 from selprune.errors import SelpruneError
+from selprune.experiment.config import resolve
 from selprune.models import MODELS
 from selprune.paths import REPO_ROOT
-from selprune.series import NOTEBOOKS, Series, resolve_params
 from selprune.texts import DATASETS
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
-STORED_RUN_DIR = REPO_ROOT / "runs" / "notebooks"  # the stored notebooks' run_dir ("../runs/notebooks")
+NOTEBOOKS = (
+    "01_collect_activations.ipynb",
+    "02_score_neurons.ipynb",
+    "03_prune_ffn.ipynb",
+    "04_prune_attention.ipynb",
+    "05_evaluate.ipynb",
+    "06_retraining_anamnesia.ipynb",
+)
+STORED_RUN_DIR = REPO_ROOT / "runs" / "notebooks"  # the stored notebooks' run_dir
+STORED_RUN_PARAM = "../runs/notebooks"  # ... as their parameters cell writes it (relative to notebooks/)
 
 
 # A Unix socket path must fit in sun_path (104 bytes on macOS, 108 on Linux). Kernel
@@ -71,7 +81,11 @@ def run_series(params: dict[str, Any], progress: bool = True, notebooks: tuple[s
     from papermill.exceptions import PapermillExecutionError
 
     p = kernel_params(params)
+    if "06_retraining_anamnesia.ipynb" in notebooks:  # its rules, before any kernel starts
+        resolve(p, relearn=True)
     run_dir = Path(p["run_dir"])
+    from selprune.experiment.series import Series
+
     Series(progress=False, **p)  # validate parameters (and the run directory) before starting a kernel
     out_dir = run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +118,7 @@ def kernel_params(params: dict[str, Any]) -> dict[str, Any]:
     """The parameters as the kernels get them (and params.json records them): resolved,
     with `run_dir` and local model/dataset paths made absolute, since kernels run in
     notebooks/ where relative paths would miss."""
-    p = resolve_params(params)
+    p = asdict(resolve(params))
     p["run_dir"] = str(Path(p["run_dir"]).resolve())
     for name, registry in (("model", MODELS), ("forget", DATASETS), ("retain", DATASETS)):
         local = Path(p[name]).expanduser()
@@ -149,6 +163,10 @@ def regenerate(notebooks: tuple[str, ...] = NOTEBOOKS, timeout: int = 1800) -> N
     run directory, and store their cleaned outputs (what nbval compares against)."""
     from nbclient import NotebookClient
 
+    from selprune.experiment.render import write_parameter_cells, write_readme_table
+
+    write_readme_table(REPO_ROOT / "README.md")
+    write_parameter_cells(NOTEBOOK_DIR, STORED_RUN_PARAM)  # the cells the schema defines, before executing them
     shutil.rmtree(STORED_RUN_DIR, ignore_errors=True)
     with _environ({"SELPRUNE_PROGRESS": "0"}):
         for name in notebooks:
@@ -161,7 +179,7 @@ def regenerate(notebooks: tuple[str, ...] = NOTEBOOKS, timeout: int = 1800) -> N
             nbformat.write(clean(nb), tmp)
             tmp.replace(path)
     if tuple(notebooks) == NOTEBOOKS:  # the whole series ran: its figures become the stored key figures
-        from selprune.key_metrics import KEY_METRICS_FILE, record
+        from selprune.experiment.key_metrics import KEY_METRICS_FILE, record
 
         record(STORED_RUN_DIR / "results.json")
         print(f"selprune: key figures in {KEY_METRICS_FILE}", file=sys.stderr)

@@ -1,52 +1,51 @@
 """`selprune prune`: one pruning run from the shell, without notebooks, on one process or many.
 
-    selprune prune [-f run.yaml] [-p NAME VALUE]... --out DIR [--device D] [--device-map MAP] [--save-model]
-    torchrun --nproc_per_node N -m selprune.cli prune ...      # data parallel, N processes
+    selprune prune [--run-kind ff] [--preset P] [-f run.yaml] [-p NAME VALUE]... --out DIR [--save-model]
+    torchrun --nproc_per_node N -m selprune prune ...      # data parallel, N processes
 
-The parameters are the fields of `selprune.loop.PruneConfig` (the YAML file holds a
-mapping of them, `-p` overrides it); the run directory is `loop.RunDir`'s, so a rerun
-resumes and a run directory made with other parameters is refused. Under torchrun every
-process runs this same command: `distributed.init()` joins them, each loads the model,
-and `run_pruning` splits the windows between them (README, "Scaling up").
-
-Kept apart from `cli.py` so that the command's logic (parameter types, devices, the
-process group) is not mixed into the parser module other commands share.
+The parameters are the schema's, with the same names and defaults as `selprune run`
+(`--run-kind` picks the run kind, as one entry of the series' `runs`); the folder is a
+pruning run's (`loop.lock_run`), so a rerun resumes and a folder made with other
+parameters is refused. Under torchrun every process runs this same command:
+`distributed.init()` joins them, each loads the model, and `run_pruning` splits the
+windows between them (README, "Scaling up").
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from selprune import distributed
 from selprune.errors import SelpruneError
-from selprune.loop import PruneConfig
-from selprune.param_args import add_param_options, coerce_value, read_params
+from selprune.experiment.config import FIELDS, Config, resolve, stage_of, validate
+from selprune.experiment.loop import RUN_STAGES
+from selprune.experiment.param_args import add_param_options, read_params
+from selprune.experiment.render import help_epilog
+from selprune.experiment.runs import RUN_KINDS
 
-_LAUNCH_OPTIONS = {"device": "--device", "device_map": "--device-map", "run_dir": "--out", "out": "--out"}
 
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction, add_preset_option: Callable[[argparse.ArgumentParser], None]) -> None:
     """Register `prune` on the `selprune` command's subparsers."""
-    fields = dataclasses.fields(PruneConfig)
-    params = "\n".join(f"  {f.name:<17} (default: {f.default!r})" for f in fields)
     p = sub.add_parser(
         "prune",
         help="one pruning run (collect, score, prune, evaluate per step) into a run directory; works under torchrun",
         description="One pruning run into a run directory (config.json, step_NNN.safetensors, records.json), "
-        "without notebooks. Launched by torchrun (e.g. torchrun --nproc_per_node 2 -m selprune.cli prune ...), "
+        "without notebooks. Launched by torchrun (e.g. torchrun --nproc_per_node 2 -m selprune prune ...), "
         "the processes split the token windows and add their sums; rank 0 writes.",
-        epilog="parameters (PruneConfig):\n" + params,
+        epilog=help_epilog(n for n in FIELDS if stage_of(n) in RUN_STAGES),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_param_options(p)
+    add_preset_option(p)
+    p.add_argument("--run-kind", dest="run", default="ff", choices=list(RUN_KINDS),
+                   help="which pruning run (a name from the series' runs parameter; default ff; not --run, which torchrun would take for its own --run-path)")
     p.add_argument("--out", required=True, help="run directory (resumed if it exists with the same parameters)")
-    p.add_argument("--device", default="auto",
-                   help="auto, cpu, cuda, cuda:N or mps; under torchrun, cuda means this process's GPU (LOCAL_RANK)")
+    p.add_argument("--device", default=None,
+                   help="same as -p device D; under torchrun, cuda means this process's GPU (LOCAL_RANK)")
     p.add_argument("--device-map", default=None,
                    help="hand placement to accelerate (e.g. auto: shard a model too big for one GPU over all GPUs); "
                    "one process only")
@@ -55,31 +54,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def config_from(params: dict[str, Any]) -> PruneConfig:
-    """A validated PruneConfig from `params`, each value checked against its field's type
-    (YAML reads `1e-3` as text and `0` as an int: both become floats where a float is due)."""
-    hints = typing.get_type_hints(PruneConfig)
-    known = {f.name for f in dataclasses.fields(PruneConfig)}
-    values = {}
-    for name, value in params.items():
-        if name not in known:
-            hint = f"; it is the option {_LAUNCH_OPTIONS[name]}" if name in _LAUNCH_OPTIONS else ""
-            raise SelpruneError(f"unknown parameter {name!r}{hint}; the parameters are {', '.join(sorted(known))}")
-        values[name] = coerce_value(name, value, hints[name])
-    cfg = PruneConfig(**values)
-    cfg.validate()
+def config_from(params: dict[str, Any], run: str, preset: str | None = None,
+                note: Callable[[str], None] | None = None) -> Config:
+    """The validated configuration of one `run` from the command's parameters. Names of
+    stages a pruning run does not use (retraining, the series' runs and run_dir) are
+    accepted, so one parameter file serves every command, and named in a note."""
+    cfg = resolve(params, preset, require_runs=False)
+    unused = sorted(n for n in params if n in FIELDS and stage_of(n) not in RUN_STAGES)
+    if unused:
+        (note or (lambda msg: print(f"selprune: note: {msg}", file=sys.stderr)))(
+            f"selprune prune does not use {', '.join(unused)} (retraining and series parameters)")
+    kind = RUN_KINDS[run]
+    for k in kind.kinds:
+        if getattr(cfg, f"{k}_frac") <= 0:
+            raise SelpruneError(f"--run-kind {run} prunes {k} neurons, but {k}_frac={getattr(cfg, f'{k}_frac')}; "
+                                f"set {k}_frac above 0 (e.g. -p {k}_frac 0.02)")
+    validate(cfg, runs=[run], require_runs=False)
     return cfg
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the command; a `SelpruneError` prints as one line and exits with status 2."""
-    from selprune.loop import run_pruning
+    from selprune.experiment.loop import run_pruning
     from selprune.models import load_model, resolve_device
     from selprune.prune import export_pruned
 
     main_rank = True
     try:
-        cfg = config_from(read_params(args.file, args.param))
+        params = read_params(args.file, args.param)
+        if args.device is not None:
+            params["device"] = args.device
+        cfg = config_from(params, args.run, args.preset)
         if distributed.init():
             main_rank = distributed.is_main()
             if args.device_map is not None:
@@ -88,9 +93,9 @@ def main(args: argparse.Namespace) -> int:
                     "own copy of the model over the same GPUs. Use torchrun (one GPU per process, model fits one "
                     "GPU) or --device-map in one process (model over all GPUs), not both"
                 )
-        device = distributed.rank_device(resolve_device(args.device))
+        device = distributed.rank_device(resolve_device(cfg.device))
         model, tok = load_model(cfg.model, cfg.dtype, device, device_map=args.device_map)
-        records, pruner = run_pruning(cfg, args.out, model, tok, progress=not args.quiet and main_rank)
+        records, pruner = run_pruning(cfg, args.run, args.out, model, tok, progress=not args.quiet and main_rank)
         if args.save_model:
             distributed.on_main(lambda: export_pruned(model, pruner, Path(args.out) / "pruned-model"))
     except SelpruneError as e:

@@ -1,0 +1,92 @@
+"""results.json: everything a series' run directory holds, summarised in one file.
+
+Assembled from the folder's files alone (`assemble`), so any step can rewrite it and it
+is the same whichever wrote it last. It is identical for identical parameters and seed on
+CPU fp32: wall-clock seconds go to timings.json instead (`split_timings`), and neither
+the run directory's path nor anything else that differs between machines is recorded
+beyond the `environment` block.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selprune.experiment.config import Config
+from selprune.experiment.loop import run_config
+from selprune.experiment.rundir import RunDir
+from selprune.experiment.runs import RUN_KINDS
+from selprune.selectivity import summarize
+
+
+def split_timings(obj: Any, path: str = "") -> tuple[Any, dict[str, Any]]:
+    """Move every "seconds" entry out of a nested result, keyed by its path, so that
+    results.json is identical between runs with the same parameters and seed (wall-clock
+    times never are) while timings.json keeps them."""
+    timings: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if k == "seconds":
+                timings[path or "."] = v
+                continue
+            out[k], sub = split_timings(v, f"{path}/{k}")
+            timings.update(sub)
+        return out, timings
+    if isinstance(obj, list):
+        out_list = []
+        for i, v in enumerate(obj):
+            item, sub = split_timings(v, f"{path}/{i}")
+            out_list.append(item)
+            timings.update(sub)
+        return out_list, timings
+    return obj, timings
+
+
+def environment(model: torch.nn.Module) -> dict[str, Any]:
+    """Versions, device, dtype and git commit, for results.json."""
+    import transformers
+
+    import selprune
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "selprune": selprune.__version__, "git_commit": commit, "device": str(model.device),
+            "dtype": str(model.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+            "machine": platform.machine()}
+
+
+def finished_runs(run_dir: RunDir) -> dict[str, list[dict[str, Any]]]:
+    """Run name -> step records, for every pruning run in the folder with any, in registry order."""
+    return {r: rec for r in RUN_KINDS if (rec := RunDir(run_dir.path / r).records())}
+
+
+def assemble(cfg: Config, run_dir: RunDir, model: torch.nn.Module) -> dict[str, Any]:
+    """Results of whatever the run directory holds so far (before the timings are split off)."""
+    runs = {run: {"config": run_config(cfg, RUN_KINDS[run]), "records": records, **summarize(records)}
+            for run, records in finished_runs(run_dir).items()}
+    return {
+        # not run_dir: where the run lives is no result (identical runs in two folders agree)
+        "params": {k: v for k, v in asdict(cfg).items() if k != "run_dir"},
+        "environment": environment(model),
+        "base": run_dir.read_json("base.json") if run_dir.has("base.json") else None,
+        "runs": runs,
+        "anamnesia": run_dir.read_json("anamnesia.json") if run_dir.has("anamnesia.json") else None,
+    }
+
+
+def write_results(cfg: Config, run_dir: RunDir, model: torch.nn.Module) -> dict[str, Any]:
+    """Rewrite results.json and timings.json from the folder's files; returns the results."""
+    results, timings = split_timings(assemble(cfg, run_dir, model))
+    run_dir.write_json("timings.json", timings)
+    run_dir.write_json("results.json", results)
+    return results

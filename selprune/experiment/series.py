@@ -1,0 +1,232 @@
+"""The notebook series over one run directory: one method per notebook step.
+
+Each notebook builds a `Series` from its parameters cell and calls a few methods; each
+method is a few lines over functions that live elsewhere (the loop, the relearning
+experiment, tables, the explorer, results assembly). What later notebooks need is saved
+in `run_dir`, so each notebook runs alone once its predecessors have:
+
+    params.json                  the parameters (a rerun with other ones is refused)
+    base.json                    metrics of the unpruned model (shared by every run)
+    stats/{forget,retain}.safetensors   01: statistics of the unpruned model
+    ff/ random/ attn/ attn_heads/ both/ 03, 04: resumable pruning runs
+    pruned-model/                03: the FF-pruned model, loadable by plain transformers
+    anamnesia.json               06: retraining curves and the anamnesia index
+    figures/*.png                every figure
+    results.json                 everything above, summarised (rewritten by each step)
+    timings.json                 the wall-clock seconds of every phase, kept apart
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from functools import cached_property
+from typing import Any
+
+import pandas as pd
+import torch
+
+from selprune.data import Data
+from selprune.errors import SelpruneError
+from selprune.evaluate import evaluate_both
+from selprune.experiment import explorer, tables
+from selprune.experiment.config import DEFAULTS, FIELDS, Config, rename_aliases, resolve, validate
+from selprune.experiment.loop import data_for, run_pruning
+from selprune.experiment.progress import quiet_libraries
+from selprune.experiment.relearning import ANAMNESIA_SELECTIVE, anamnesia_from_runs
+from selprune.experiment.results import finished_runs, write_results
+from selprune.experiment.rundir import RunDir
+from selprune.experiment.runs import FLOOR, RUN_KINDS, run_kind, runs_of_notebook
+from selprune.models import load_model
+from selprune.prune import export_pruned
+from selprune.scoring import IMPORTANCE, score
+from selprune.select import select
+from selprune.selectivity import summarize
+from selprune.sites import find_sites
+from selprune.stats import ActivationStats, collect_stats
+
+RERUN_SAFE = ("run_dir", "runs", "batch_size", "device")  # may differ between calls on one run_dir
+SIDES = ("forget", "retain")
+
+
+def lock_series(cfg: Config) -> RunDir:
+    """The series' run directory, locked to `cfg` (params.json); old names are read as new."""
+    rd = RunDir(cfg.run_dir)
+    if rd.has("params.json"):  # a folder written before a rename records the old names
+        have = rename_aliases(rd.read_json("params.json"), warn=lambda msg: None)
+        rd.write_json("params.json", have) if have != rd.read_json("params.json") else None
+    rd.lock(asdict(cfg), ignore=RERUN_SAFE, defaults=DEFAULTS)
+    return rd
+
+
+class Series:
+    """One run directory of the notebook series, and the steps that fill it."""
+
+    def __init__(self, progress: bool | None = None, preset: str | None = None, **params: Any) -> None:
+        self.cfg = resolve(params, preset)  # every check before the run directory records anything
+        self.p = asdict(self.cfg)
+        # SELPRUNE_PROGRESS=0 silences progress bars (stored notebook outputs stay clean)
+        self.progress = os.environ.get("SELPRUNE_PROGRESS", "1") != "0" if progress is None else progress
+        self.rd = lock_series(self.cfg)
+        self.run_dir = self.rd.path
+
+    @classmethod
+    def from_globals(cls, namespace: dict[str, Any]) -> Series:
+        """Build from a notebook's namespace: the parameters cell defines every parameter."""
+        missing = [k for k in FIELDS if k not in namespace]
+        if missing:
+            raise SelpruneError(f"the parameters cell lacks {missing}; restore it from the stored notebook "
+                                "(make notebooks writes it)")
+        return cls(**{k: namespace[k] for k in FIELDS})
+
+    # ----------------------------------------------------------------- shared pieces
+    @cached_property
+    def model_and_tokenizer(self):
+        with quiet_libraries(not self.progress):
+            return load_model(self.cfg.model, self.cfg.dtype, self.cfg.device)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.model_and_tokenizer[0]
+
+    @property
+    def tokenizer(self):
+        return self.model_and_tokenizer[1]
+
+    @cached_property
+    def sites(self):
+        return find_sites(self.model)
+
+    @cached_property
+    def data(self) -> Data:
+        with quiet_libraries(not self.progress):
+            return data_for(self.cfg, self.tokenizer)
+
+    @cached_property
+    def base(self) -> dict[str, Any]:
+        """Metrics of the unpruned model, computed once per run directory."""
+        if not self.rd.has("base.json"):
+            self.rd.write_json("base.json", evaluate_both(self.model, self.data, self.cfg.batch_size, self.progress))
+        return self.rd.read_json("base.json")
+
+    def active_runs(self) -> list[str]:
+        return self.cfg.active_runs()
+
+    def notebook_runs(self, notebook: str) -> list[str]:
+        """The active runs that `notebook` (e.g. "03_prune_ffn.ipynb") does."""
+        return runs_of_notebook(notebook, self.active_runs())
+
+    def write_results(self) -> dict[str, Any]:
+        return write_results(self.cfg, self.rd, self.model)
+
+    # ------------------------------------------------------------------- 01 collect
+    def collect(self) -> tuple[ActivationStats, ActivationStats]:
+        """01: statistics of the unpruned model on forget and retain (with a histogram for
+        the mode), then results.json."""
+        stats = self.statistics()
+        self.write_results()
+        return stats
+
+    def statistics(self) -> tuple[ActivationStats, ActivationStats]:
+        """The unpruned model's statistics: read from the run directory, or collected and saved."""
+        out = []
+        for side, windows in zip(SIDES, (self.data.forget_train, self.data.retain_train), strict=True):
+            f = self.run_dir / "stats" / f"{side}.safetensors"
+            if f.exists():
+                st = ActivationStats.load(f)
+                st.check_matches(self.sites, self.cfg.model)
+            else:
+                meta = {"model": self.cfg.model, "dataset": getattr(self.cfg, side), "split": "train",
+                        "seed": self.cfg.seed, "dtype": str(self.model.dtype), "window": self.cfg.window}
+                st = collect_stats(self.model, self.sites, windows, self.cfg.batch_size, hist_bins=64, meta=meta,
+                                   progress=self.progress, desc=f"collect {side}")
+                st.save(f)
+            out.append(st)
+        return out[0], out[1]
+
+    # --------------------------------------------------------------------- 02 score
+    def scores_by_importance(self) -> dict[str, dict[str, torch.Tensor]]:
+        """02: scores under every importance function (rand included, as the floor)."""
+        forget, retain = self.statistics()
+        eps = {"ff": self.cfg.eps_ff, "attn": self.cfg.eps_attn}
+        return {name: score(forget, retain, name, self.cfg.score, eps=eps, seed=self.cfg.seed)
+                for name in sorted(IMPORTANCE)}
+
+    def top_sets(self, scores: dict[str, dict[str, torch.Tensor]], kind: str, frac: float) -> dict[str, torch.Tensor]:
+        return {name: select(s[kind], frac) for name, s in scores.items()}
+
+    agreement = staticmethod(tables.agreement)
+
+    # --------------------------------------------------------------- 03, 04 prune
+    def prune(self, run: str) -> list[dict[str, Any]]:
+        """03/04: run (or resume) one pruning run; the model is restored afterwards. A run
+        kind that exports (ff) also writes the pruned model."""
+        kind = run_kind(run)
+        records, pruner = run_pruning(self.cfg, run, self.run_dir / run, self.model, self.tokenizer, self.data,
+                                      self.progress, base=self.base)
+        try:
+            if kind.exports:
+                with quiet_libraries(not self.progress):  # transformers' "Writing model shards" bar
+                    export_pruned(self.model, pruner, self.run_dir / "pruned-model")
+        finally:
+            pruner.restore()
+        self.write_results()
+        return records
+
+    def records(self, run: str) -> list[dict[str, Any]] | None:
+        return RunDir(self.run_dir / run).records() or None
+
+    def finished_runs(self) -> dict[str, list[dict[str, Any]]]:
+        return finished_runs(self.rd)
+
+    # ------------------------------------------------------------------ 05 evaluate
+    def summary(self, run: str) -> dict[str, Any]:
+        """The run's selectivity summaries (`selectivity.summarize`)."""
+        records = self.records(run)
+        if not records:
+            raise SelpruneError(f"run {run!r} has not been done in {self.run_dir}; run notebook "
+                                f"{RUN_KINDS[run].notebook} first")
+        return summarize(records)
+
+    def results_table(self) -> pd.DataFrame:
+        return tables.results_table(self.finished_runs(), {"forget": self.cfg.forget, "retain": self.cfg.retain})
+
+    def generations(self, prompts: dict[str, str], run: str = "ff", max_new_tokens: int = 32) -> pd.DataFrame:
+        return explorer.generations(self.model, self.tokenizer, prompts, RunDir(self.run_dir / run), run,
+                                    max_new_tokens)
+
+    def neuron_report(self, kind: str, layer: int, index: int, top: int = 5, context: int = 8) -> dict[str, Any]:
+        """One neuron's statistics, rank and top snippets (read-only: writes nothing)."""
+        forget, retain = self.statistics()
+        windows = {"forget": self.data.forget_train[:4], "retain": self.data.retain_train[:4]}
+        return explorer.neuron_report(self.model, self.tokenizer, self.sites, {"forget": forget, "retain": retain},
+                                      windows, self.cfg.importance, kind, layer, index, top, context)
+
+    # ---------------------------------------------------------------- 06 anamnesia
+    def anamnesia(self) -> dict[str, Any]:
+        """06: retrain the selectively pruned model, a randomly pruned one with matched
+        retain damage, and the unpruned one; reused if already in the run directory."""
+        if self.rd.has("anamnesia.json"):
+            return self.rd.read_json("anamnesia.json")
+        validate(self.cfg, relearn=True)  # the retraining rules (selprune run checked them before 01)
+        selective = next((r for r in ANAMNESIA_SELECTIVE if self.records(r)), None)
+        if selective is None:
+            raise SelpruneError(f"anamnesia needs a selective pruning run ({', '.join(ANAMNESIA_SELECTIVE)}); run "
+                                "notebooks 03 and 04 first with one of them in `runs`")
+        if not self.records(FLOOR):  # the control is needed even when `runs` left it out
+            if self.cfg.ff_frac <= 0:
+                raise SelpruneError("anamnesia's control is the random FF baseline, which needs ff_frac > 0")
+            self.prune(FLOOR)
+        small = self.data.with_eval_windows(max(1, self.cfg.retrain_eval_tokens // self.cfg.window))
+        t0 = time.perf_counter()
+        result = anamnesia_from_runs(self.model, small, self.cfg, self.run_dir / selective, self.run_dir / FLOOR,
+                                     progress=self.progress)
+        result["selective_run"] = selective
+        result["matching"].update(selective_run=selective, random_run=FLOOR)  # names, not paths
+        result["seconds"] = time.perf_counter() - t0
+        self.rd.write_json("anamnesia.json", result)
+        self.write_results()
+        return result
+
+    anamnesia_table = staticmethod(tables.anamnesia_table)

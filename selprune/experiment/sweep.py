@@ -1,0 +1,98 @@
+"""Running a sweep: the cost estimate, resuming, and execution (`selprune sweep`).
+
+Each point runs the pruning notebooks it needs into its own folder (`notebooks.run_series`);
+the leaderboard (`selprune.experiment.leaderboard`) is rewritten after every point.
+
+**Resuming.** A point whose results.json holds every one of its runs finished (all
+steps, or stopped by `max_retain_drop`) with the same parameters is skipped; any other
+point is (re)run, and the pruning loop resumes its unfinished runs step by step. A point
+that fails is recorded in the leaderboard with its error, the sweep goes on with the
+others, and `selprune sweep` exits non-zero naming the failed points.
+"""
+
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from selprune.experiment.config import Config
+from selprune.experiment.leaderboard import frontier_curves, leaderboard, write_leaderboard
+from selprune.experiment.notebooks import run_series
+from selprune.experiment.runs import RUN_KINDS
+from selprune.experiment.sweepfile import Point, Sweep
+
+# Planning rates for the cost estimate: tokens per second of statistics collection and of
+# evaluation, and seconds per notebook for kernel start, imports, model load and data
+# preparation, measured for SmolLM2-135M on the 2-core reference CPU. Other models and
+# machines scale these; the estimate is a budget aid, not a measurement.
+COLLECT_TOKENS_PER_S = 430.0
+EVAL_TOKENS_PER_S = 300.0
+NOTEBOOK_OVERHEAD_S = 20.0
+
+
+def estimate_seconds(cfg: Config) -> float:
+    """Upper bound of one point's cost at the planning rates: every run taking all its
+    steps (`max_retain_drop` usually ends runs sooner), one base evaluation, and a kernel
+    per notebook. A collection happens every step in iterative mode and whenever mean or
+    peak ablation needs fresh constants; one-shot collects once at the start."""
+    collect = 2 * cfg.collect_tokens / COLLECT_TOKENS_PER_S  # forget and retain
+    evaluate = 2 * cfg.eval_tokens / EVAL_TOKENS_PER_S
+    point = Point("", cfg, {})
+    total = evaluate + NOTEBOOK_OVERHEAD_S * len(point.notebooks)
+    for run in point.runs:
+        random = RUN_KINDS[run].random
+        iterative = cfg.prune_mode == "iterative" and not random
+        per_step = evaluate + (collect if iterative or cfg.ablation != "zero" else 0.0)
+        total += cfg.steps * per_step + (collect if cfg.prune_mode == "one-shot" and not random else 0.0)
+    return total
+
+
+def run_sweep(sweep: Sweep, progress: bool = True, log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Run every unfinished point, then write and return the leaderboard.
+
+    A point that raises is recorded in `sweep.failed` (its error in one line) and the
+    sweep goes on; the leaderboard is rewritten after every point, so an interrupted
+    sweep still leaves an up-to-date one.
+    """
+    log = log or (lambda msg: print(f"selprune sweep: {msg}", file=sys.stderr))
+    sweep.out.mkdir(parents=True, exist_ok=True)
+    n = len(sweep.points)
+    for i, pt in enumerate(sweep.points, 1):
+        t0 = time.perf_counter()
+        try:
+            if pt.status() == "done":
+                log(f"[{i}/{n}] {pt.name}: finished earlier, skipped")
+                continue
+            log(f"[{i}/{n}] {pt.name}: running {', '.join(pt.runs)} ({', '.join(pt.notebooks)})")
+            run_series(pt.params, progress=progress, notebooks=pt.notebooks)
+        except Exception as e:  # noqa: BLE001 - any failure of one point is recorded, and the sweep goes on
+            sweep.failed[pt.name] = f"{type(e).__name__}: {' '.join(str(e).split())}"
+            log(f"[{i}/{n}] {pt.name}: FAILED ({sweep.failed[pt.name]})")
+        else:
+            if not sweep.keep_models:  # a full model copy per point; the leaderboard needs none
+                shutil.rmtree(pt.run_dir / "pruned-model", ignore_errors=True)
+            log(f"[{i}/{n}] {pt.name}: done in {time.perf_counter() - t0:.0f} s")
+        rows = leaderboard(sweep)
+        write_leaderboard(rows, sweep.out, frontier_curves(sweep, rows))
+    rows = leaderboard(sweep)
+    write_leaderboard(rows, sweep.out, frontier_curves(sweep, rows))
+    return rows
+
+
+def describe(sweep: Sweep) -> str:
+    """The points of a sweep with their status and estimated cost (for --dry-run)."""
+    lines = [f"{len(sweep.points)} points into {sweep.out}"]
+    todo = 0.0
+    for pt in sweep.points:
+        status = pt.status()
+        est = estimate_seconds(pt.cfg)
+        todo += est if status != "done" else 0.0
+        settings = ", ".join(f"{k}={v}" for k, v in pt.settings.items()) or "(base)"
+        lines.append(f"  {status:<7} {pt.name:<32} runs {','.join(pt.runs):<14} <= {est / 60:5.1f} min  {settings}")
+    lines.append(f"to run: at most {todo / 60:.0f} min at the planning rates (SmolLM2-135M, 2 CPU cores; "
+                 "max_retain_drop usually stops runs sooner)")
+    return "\n".join(lines)

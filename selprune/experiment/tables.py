@@ -1,0 +1,52 @@
+"""The tables the notebooks print: the paper-style results table, the anamnesia table,
+and how far importance functions agree. Each takes plain results and returns a DataFrame."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import torch
+
+from selprune.experiment.runs import RUN_KINDS
+from selprune.selectivity import record_drop
+
+TABLE_METRICS = ("top1", "top10", "top1_skip", "top10_skip", "loss")
+
+
+def results_table(runs: dict[str, list[dict[str, Any]]], dataset_names: dict[str, str]) -> pd.DataFrame:
+    """Per run and dataset: base and final metrics, the fraction pruned and the top-1
+    drops in percent (the paper's table). `dataset_names`: side -> dataset name."""
+    rows = []
+    for run, records in runs.items():
+        base, last = records[0], records[-1]
+        for side in ("forget", "retain"):
+            row = {"run": run, "dataset": f"{side} ({dataset_names[side]})",
+                   "pruned": last["fraction"][RUN_KINDS[run].axis]}
+            for m in TABLE_METRICS:
+                row[f"base {m}"] = base[side][m]
+                row[m] = last[side][m]
+            row["top1 drop %"] = 100 * record_drop(last, base, side, "top1")
+            row["top1_skip drop %"] = 100 * record_drop(last, base, side, "top1_skip")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def anamnesia_table(result: dict[str, Any]) -> pd.DataFrame:
+    """Per retraining arm: where it started, its damage, steps to each recovery fraction."""
+    rows = []
+    for arm, a in result["arms"].items():
+        row = {"arm": arm, "pruned step": a["pruned_step"], "forget top1 at start": a["curve"][0]["forget"]["top1"],
+               "retain drop %": 100 * a["retain_drop"], "forget drop %": 100 * a["forget_drop"]}
+        for q, v in a["index"].items():  # whole steps (interpolated between evaluations), or not reached
+            row[f"steps to {float(q):.0%}"] = "not reached" if v["step"] is None else round(v["step"])
+        row["recovery AUC"] = a["recovery_auc"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def agreement(top: dict[str, torch.Tensor]) -> pd.DataFrame:
+    """Jaccard overlap of the top sets (bool masks) chosen by each importance function."""
+    names = list(top)
+    rows = [[float((top[a] & top[b]).sum() / max(int((top[a] | top[b]).sum()), 1)) for b in names] for a in names]
+    return pd.DataFrame(rows, index=names, columns=names)

@@ -1,0 +1,149 @@
+"""Running the notebook series (selprune/experiment/notebooks.py): papermill into a run
+directory, the kernels' parameters and transport, failing cells, and cleaning.
+
+The papermill tests execute the real notebooks in kernels, on a tiny random Llama saved
+as a local model directory (with the embedded tokenizer), so they cost mostly kernel
+start-ups, not forward passes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import series_runs
+from series_runs import RUN, TINY, snapshot
+
+from selprune.errors import SelpruneError
+from selprune.experiment import cli
+from selprune.experiment.notebooks import NOTEBOOK_DIR, NOTEBOOKS, clean, kernel_manager_class, run_series
+
+
+@pytest.fixture(scope="module")
+def small_sets(tmp_path_factory) -> dict[str, Path]:
+    return series_runs.small_sets(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, shared_tiny_llama_dir) -> tuple[Path, float]:
+    return series_runs.uninterrupted(tmp_path_factory, shared_tiny_llama_dir)
+
+
+# ------------------------------------------------------------------ stored notebooks
+def test_stored_notebooks_carry_no_volatile_metadata():
+    import nbformat
+
+    for name in NOTEBOOKS:
+        nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+        assert "papermill" not in nb.metadata and "widgets" not in nb.metadata, name
+        for c in nb.cells:
+            assert "execution" not in c.metadata and "papermill" not in c.metadata, name
+
+
+def test_clean_strips_timings_and_papermill_metadata():
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1")])
+    nb.metadata["papermill"] = {"duration": 1.0}
+    nb.cells[0].metadata["execution"] = {"iopub.status.busy": "2026-01-01"}
+    out = clean(nb)
+    assert "papermill" not in out.metadata and "execution" not in out.cells[0].metadata
+
+
+# ------------------------------------------------------------------------ kernels
+def test_local_paths_reach_the_kernels_absolute(tmp_path, shared_tiny_llama_dir, monkeypatch):
+    """Kernels run in notebooks/: a dataset or model path relative to where `selprune run`
+    was started must still name the same file there."""
+    import papermill
+
+    seen = []
+
+    def fake(src, out, parameters, **kw):
+        seen.append(parameters)
+        Path(out).write_text("{}")
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake)
+    shutil.copytree(shared_tiny_llama_dir, tmp_path / "model")
+    (tmp_path / "mine.jsonl").write_text(json.dumps({"text": "print(1)"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    run_series({**TINY, "model": "model", "forget": "mine.jsonl", "run_dir": "run"}, progress=False,
+               notebooks=("01_collect_activations.ipynb",))
+    p = seen[0]
+    assert p["model"] == str(tmp_path / "model") and p["forget"] == str(tmp_path / "mine.jsonl")
+    assert p["retain"] == "prose" and p["run_dir"] == str(tmp_path / "run")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="IPC transport needs Unix sockets")
+def test_kernels_use_private_ipc_sockets_where_the_path_fits(monkeypatch):
+    import tempfile
+
+    import jupyter_core.paths
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as short:  # pytest's tmp_path may be too long for a socket
+        runtime = os.path.join(short, "rt")
+        monkeypatch.setattr(jupyter_core.paths, "jupyter_runtime_dir", lambda: runtime)
+        a, b = kernel_manager_class()(), kernel_manager_class()()
+        assert a.transport == b.transport == "ipc"
+        # each kernel its own socket prefix in the runtime folder, not "kernel-ipc" in the working directory
+        assert os.path.dirname(a.ip) == os.path.dirname(b.ip) == runtime and a.ip != b.ip
+        assert os.stat(runtime).st_mode & 0o077 == 0, "a private folder"
+    monkeypatch.setattr(jupyter_core.paths, "jupyter_runtime_dir", lambda: "/" + "d" * 80)  # no room for a socket name
+    assert kernel_manager_class()().transport == "tcp"
+
+
+# ----------------------------------------------------------------------- papermill
+def test_papermill_series_with_other_importance_and_attention_only(tmp_path, tiny_llama_dir):
+    params = {**TINY, "model": str(tiny_llama_dir), "importance": "std", "runs": "attn,attn_heads",
+              "run_dir": str(tmp_path / "run")}
+    run_dir = run_series(params, progress=False)
+    for name in NOTEBOOKS:
+        assert (run_dir / "notebooks" / name).is_file(), name
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["params"]["importance"] == "std"
+    assert set(results["runs"]) == {"attn", "attn_heads", "random"}  # random: anamnesia's control
+    for run in ("attn", "attn_heads"):
+        records = results["runs"][run]["records"]
+        assert len(records) == TINY["steps"] + 1
+        assert records[-1]["fraction"]["attn"] > 0 and records[-1]["fraction"]["ff"] == 0
+        assert results["runs"][run]["config"]["importance"] == "std"
+    assert results["anamnesia"]["selective_run"] == "attn"
+    assert sorted(p.name for p in (run_dir / "figures").glob("*.png"))
+
+
+def test_failing_cell_names_the_notebook_and_exits_nonzero(tmp_path, tiny_llama_dir, capsys):
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "train.jsonl").write_text(json.dumps({"text": "x = 1"}) + "\n")
+    (small / "test.jsonl").write_text(json.dumps({"text": "y = 2"}) + "\n")
+    argv = ["run", "--quiet", "--out", str(tmp_path / "run"), "-p", "model", str(tiny_llama_dir), "-p", "forget",
+            str(small)] + [x for k, v in TINY.items() for x in ("-p", k, str(v))]
+    assert cli.main(argv) != 0
+    err = capsys.readouterr().err
+    assert "01_collect_activations.ipynb" in err and "cell" in err and "budget" in err
+    assert (tmp_path / "run" / "notebooks" / "FAILED-01_collect_activations.ipynb").is_file()
+
+
+def test_failing_notebook_leaves_earlier_outputs_intact(tmp_path, shared_tiny_llama_dir, small_sets, uninterrupted):
+    """Notebook 03 fails (its run folder cannot be created) in a copy of a finished run:
+    everything already written, results.json and the earlier notebooks included, stays
+    byte for byte, and the failed notebook is kept apart for inspection."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], run_dir)
+    shutil.rmtree(run_dir / "ff")
+    (run_dir / "ff").write_text("in the way")
+    before = snapshot(run_dir)
+    params = {**RUN, "model": str(shared_tiny_llama_dir), "forget": str(small_sets["forget"]),
+              "retain": str(small_sets["retain"]), "run_dir": str(run_dir)}
+    with pytest.raises(SelpruneError, match=r"notebook 03_prune_ffn.ipynb failed in cell \d+ \(FileExistsError"):
+        run_series(params, progress=False, notebooks=("03_prune_ffn.ipynb",))
+    after = snapshot(run_dir)
+    assert {k: v for k, v in after.items() if k != "notebooks/FAILED-03_prune_ffn.ipynb"} == before
+    assert (run_dir / "notebooks" / "FAILED-03_prune_ffn.ipynb").is_file()
+    assert after["results.json"][1] == (uninterrupted[0] / "results.json").read_bytes()
+    import nbformat
+
+    for name in ("01_collect_activations.ipynb", "02_score_neurons.ipynb"):
+        nbformat.validate(nbformat.read(run_dir / "notebooks" / name, as_version=4))

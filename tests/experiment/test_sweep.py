@@ -1,0 +1,225 @@
+"""Running a sweep (selprune/experiment/sweep.py, `selprune sweep`): the cost estimate,
+resuming, failures, and one real sweep end to end.
+
+One real two-point sweep (the pruning notebook in papermill kernels on a tiny random
+Llama and a few short documents) is shared by the tests that need finished points, each
+of which works on its own copy of it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from selprune.experiment import cli, sweep
+from selprune.experiment.config import FIELDS, resolve
+from selprune.experiment.runs import RUN_KINDS
+from selprune.experiment.series import Series
+from selprune.experiment.sweepfile import load_sweep
+from selprune.paths import REPO_ROOT
+from selprune.selectivity import forget_drop_at_retain_drop
+from selprune.texts import load_texts
+
+TINY = {"collect_tokens": 256, "eval_tokens": 256, "window": 64, "retrain_window": 32, "steps": 2, "ff_frac": 0.05,
+        "attn_frac": 0.05, "batch_size": 4, "dtype": "float32", "device": "cpu"}
+
+
+def _write(path: Path, spec: dict | str) -> Path:
+    path.write_text(spec if isinstance(spec, str) else yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(path.read_text())))
+
+
+def test_a_bad_sweep_file_exits_2_with_one_line_before_anything_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sweep", "-f", str(_write(tmp_path / "s.yaml", "base: {stepz: 1}\n"))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("selprune: error:") and "stepz" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------- the estimate
+def test_cost_estimate_counts_collections_only_where_the_loop_makes_them():
+    rate = {"collect_tokens": int(sweep.COLLECT_TOKENS_PER_S), "eval_tokens": int(sweep.EVAL_TOKENS_PER_S)}
+    # with these budgets one collection (forget + retain) and one evaluation cost 2 s each
+    base = resolve({**rate, "window": 64, "retrain_window": 32, "steps": 3, "runs": "ff,random"})
+    over = sweep.NOTEBOOK_OVERHEAD_S  # one notebook (03) for ff and random
+    assert sweep.estimate_seconds(base) == pytest.approx(2 + over + 3 * (2 + 2) + 3 * 2)
+    one_shot = base.replace(prune_mode="one-shot")
+    assert sweep.estimate_seconds(one_shot) == pytest.approx(2 + over + (3 * 2 + 2) + 3 * 2)
+    mean = base.replace(ablation="mean")  # random with mean ablation collects for the constants
+    assert sweep.estimate_seconds(mean) == pytest.approx(2 + over + 3 * (2 + 2) + 3 * (2 + 2))
+    both = base.replace(runs="ff,attn")  # two notebooks
+    assert sweep.estimate_seconds(both) == pytest.approx(2 + 2 * over + 2 * 3 * (2 + 2))
+
+
+# ---------------------------------------------------------------- the shipped sweeps
+def test_shipped_sweeps_cover_the_issue_grid_within_the_budget(tmp_path):
+    sw = load_sweep(REPO_ROOT / "sweeps" / "default.yaml", out=tmp_path)
+    values = {k: {p.params[k] for p in sw.points} for k in FIELDS}
+    assert values["importance"] >= {"abs", "rms", "std", "sqrt", "freq"}
+    assert values["ff_frac"] >= {0.005, 0.01, 0.02}
+    assert values["prune_mode"] == {"iterative", "one-shot"} and values["selection"] == {"global", "per_layer"}
+    assert values["ablation"] == {"zero", "mean", "peak"}
+    runs = [r for p in sw.points for r in p.runs]
+    assert {"ff", "attn", "both"} <= set(runs) and runs.count("random") == 1, "the floor runs once"
+    for p in sw.points:
+        assert p.params["max_retain_drop"] is not None, p.name
+        for run in p.runs:
+            for kind in RUN_KINDS[run].kinds:
+                frac = getattr(p.cfg, f"{kind}_frac")
+                assert frac * p.cfg.steps >= 0.2 - 1e-9, f"{p.name}/{run} stops short of 20% of {kind} pruned"
+    assert sum(sweep.estimate_seconds(p.cfg) for p in sw.points) <= 90 * 60
+    seeds = load_sweep(REPO_ROOT / "sweeps" / "seeds.yaml", out=tmp_path)
+    assert {p.params["seed"] for p in seeds.points} == {0, 1, 2}
+    assert "selprune sweep" in (REPO_ROOT / "README.md").read_text()
+
+
+def test_shipped_sweeps_use_the_current_parameter_names(tmp_path, capsys):
+    """Every shipped sweep file loads without a note about an old name (scoring, mode, per_layer)."""
+    files = sorted((REPO_ROOT / "sweeps").glob("*.yaml"))
+    assert {f.name for f in files} >= {"default.yaml", "seeds.yaml", "budget.yaml"}
+    for f in files:
+        assert load_sweep(f, out=tmp_path / f.stem).points, f.name
+    assert "note" not in capsys.readouterr().err
+
+
+# ------------------------------------------------- a run kind the grid needs: both
+def test_both_prunes_ff_and_attention_in_one_run(tmp_path, tiny_llama_dir):
+    s = Series(progress=False, model=str(tiny_llama_dir), run_dir=str(tmp_path / "r"),
+               **{**TINY, "steps": 1, "runs": "both"})
+    last = s.prune("both")[-1]
+    assert last["fraction"]["ff"] > 0 and last["fraction"]["attn"] > 0
+    summary = json.loads((s.run_dir / "results.json").read_text())["runs"]["both"]
+    assert set(summary) >= {"forget_drop_at_retain_drop", "selectivity_area", "retain_drop_max", "final_drop"}
+
+
+# ------------------------------------------------------------------ a real sweep
+@pytest.fixture(scope="module")
+def small_sets(tmp_path_factory) -> dict[str, Path]:
+    """Forget and retain folders of a few short bundled documents (cheap to tokenise)."""
+    root = tmp_path_factory.mktemp("sets")
+    out = {}
+    for name, corpus in (("forget", "code"), ("retain", "prose")):
+        for split in ("train", "test"):
+            (root / name).mkdir(exist_ok=True)
+            docs = load_texts(corpus, split)["text"][:6]
+            (root / name / f"{split}.jsonl").write_text("".join(json.dumps({"text": d[:1500]}) + "\n" for d in docs))
+        out[name] = root / name
+    tiny = root / "tiny"  # too little text for one collection window: a point that fails
+    tiny.mkdir()
+    for split in ("train", "test"):
+        (tiny / f"{split}.jsonl").write_text(json.dumps({"text": "x = 1"}) + "\n")
+    out["tiny"] = tiny
+    return out
+
+
+def _spec(model: Path, sets: dict[str, Path], out: Path, extra: list[dict] | None = None) -> dict:
+    base = {**TINY, "model": str(model), "forget": str(sets["forget"]), "retain": str(sets["retain"]), "runs": "ff"}
+    return {"out": str(out), "base": base,
+            "variants": [{"name": "recipe", "runs": "ff,random"}, {"name": "std", "importance": "std"}, *(extra or [])]}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, shared_tiny_llama_dir, small_sets) -> tuple[Path, dict, list[str]]:
+    """A real two-point sweep, run once: its out folder, its spec and its log lines."""
+    root = tmp_path_factory.mktemp("sweep")
+    spec = _spec(shared_tiny_llama_dir, small_sets, root / "out")
+    log: list[str] = []
+    sw = load_sweep(_write(root / "s.yaml", spec))
+    sweep.run_sweep(sw, progress=False, log=log.append)
+    assert not sw.failed, sw.failed
+    return root / "out", spec, log
+
+
+def _copy(finished, tmp_path: Path, extra: list[dict] | None = None) -> tuple[Path, Path]:
+    """A copy of the finished sweep's folder and a sweep file pointing at it."""
+    out = tmp_path / "out"
+    shutil.copytree(finished[0], out)
+    spec = {**finished[1], "out": str(out)}
+    spec["variants"] = [*spec["variants"], *(extra or [])]
+    return out, _write(tmp_path / "s.yaml", spec)
+
+
+def test_real_sweep_writes_a_ranked_leaderboard(finished):
+    out, _, log = finished
+    rows = _csv(out / "leaderboard.csv")
+    assert [(r["point"], r["run"], r["floor"]) for r in sorted(rows, key=lambda r: (r["point"], r["run"]))] == [
+        ("recipe", "ff", "False"), ("recipe", "random", "True"), ("std", "ff", "False")]
+    assert all(r["status"] == "done" for r in rows), rows
+    assert "importance" in rows[0] and "runs" in rows[0], "the varied parameters are columns"
+    for r in rows:  # the headline is the one interpolated from the point's own results
+        results = json.loads((out / r["point"] / "results.json").read_text())
+        want = forget_drop_at_retain_drop(results["runs"][r["run"]]["records"], 0.10)
+        assert (r["forget_drop_at_10"] == "") == (want is None)
+        if want is not None:
+            assert float(r["forget_drop_at_10"]) == pytest.approx(want)
+        assert int(r["steps"]) == len(results["runs"][r["run"]]["records"]) - 1 and float(r["seconds"]) > 0
+        assert set(results["runs"][r["run"]]) >= {"retain_drop_max", "final_drop", "forget_drop_at_retain_drop"}
+    ranked = [r for r in rows if r["rank"]]
+    assert [int(r["rank"]) for r in ranked] == list(range(1, len(ranked) + 1))
+    assert rows[:len(ranked)] == ranked, "ranked rows come first"
+    heads = [float(r["forget_drop_at_10"]) for r in ranked]
+    assert heads == sorted(heads, reverse=True)
+    assert all(r["note"].startswith("not reached") for r in rows if not r["rank"])
+    assert any("recipe: done" in line for line in log) and any("std: running ff" in line for line in log)
+
+
+def test_real_sweep_draws_its_figures_and_runs_only_the_pruning_notebook(finished):
+    out = finished[0]
+    ranked = [r for r in _csv(out / "leaderboard.csv") if r["rank"]]
+    assert (out / "figures" / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "figures" / "frontier.png").exists() == bool(ranked), "the curves of the ranked runs"
+    for point in ("recipe", "std"):
+        executed = sorted(p.name for p in (out / point / "notebooks").glob("*.ipynb"))
+        assert executed == ["03_prune_ffn.ipynb"], "only the pruning notebook runs"
+        assert not (out / point / "pruned-model").exists(), "keep_models is off by default"
+
+
+def test_rerun_skips_finished_points(finished, tmp_path, monkeypatch, capsys):
+    out, f = _copy(finished, tmp_path)
+    results = {p: (out / p / "results.json").stat().st_mtime_ns for p in ("recipe", "std")}
+    before = (out / "leaderboard.csv").read_bytes()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished point was run again")
+
+    monkeypatch.setattr(sweep, "run_series", fail)
+    assert cli.main(["sweep", "-f", str(f)]) == 0
+    cap = capsys.readouterr()
+    assert cap.err.count("finished earlier, skipped") == 2
+    assert "rank" in cap.out and "leaderboard.csv" in cap.out
+    assert {p: (out / p / "results.json").stat().st_mtime_ns for p in ("recipe", "std")} == results
+    assert (out / "leaderboard.csv").read_bytes() == before
+    assert "done    recipe" in sweep.describe(load_sweep(f))
+
+
+def test_a_changed_point_is_not_taken_as_finished(finished, tmp_path):
+    out, f = _copy(finished, tmp_path)
+    spec = yaml.safe_load(f.read_text())
+    spec["base"]["steps"] = 3  # the finished runs have 2 steps of other parameters
+    sw = load_sweep(_write(f, spec))
+    assert [p.status() for p in sw.points] == ["partial", "partial"]
+    assert "partial recipe" in sweep.describe(sw)
+
+
+def test_failing_point_is_recorded_and_the_exit_status_names_it(finished, tmp_path, small_sets, capsys):
+    out, f = _copy(finished, tmp_path, extra=[{"name": "starved", "forget": str(small_sets["tiny"])}])
+    assert cli.main(["sweep", "-f", str(f), "--quiet"]) == 1
+    cap = capsys.readouterr()
+    assert "1 of 3 points failed: starved" in cap.err
+    rows = {(r["point"], r["run"]): r for r in _csv(out / "leaderboard.csv")}
+    bad = rows["starved", "ff"]
+    assert bad["status"] == "failed" and bad["rank"] == "" and "03_prune_ffn.ipynb" in bad["error"]
+    assert all(rows[k]["status"] == "done" and not rows[k]["error"] for k in rows if k[0] != "starved")
+    assert (out / "starved" / "notebooks" / "FAILED-03_prune_ffn.ipynb").is_file()
+    assert "failed" in cap.out, "the printed table shows the failed point too"
