@@ -13,7 +13,6 @@ that the test compares with a single-process run. One slow test launches the doc
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import json
 import os
@@ -33,10 +32,10 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from tiny_models import loop_data as make_data
 from tiny_models import random_windows, tiny_model  # noqa: E402
 
 from selprune import distributed  # noqa: E402
-from selprune.data import Data  # noqa: E402
 from selprune.errors import SelpruneError  # noqa: E402
 from selprune.evaluate import evaluate  # noqa: E402
 from selprune.experiment import cli, loop  # noqa: E402
@@ -158,29 +157,6 @@ class _Forbidden:
 DIST_CFG = Config(ff_frac=0.1, attn_frac=0.05, steps=3, window=16, retrain_window=16, collect_tokens=64,
                   eval_tokens=64, batch_size=3, skip_k=5, ablation="mean")
 RUN = "both"
-
-
-@functools.cache
-def _greedy_windows(lo: int, hi: int, seed: int) -> torch.Tensor:
-    """4 windows of 16 tokens: a random 4-token prompt from ids lo..hi-1, continued greedily
-    by the tiny llama (seed 0) that the runs prune, so that its unpruned top-1 accuracy is
-    high and pruning visibly lowers it."""
-    model = tiny_model("llama", seed=0)
-    ids = random_windows(4, 4, seed=seed, vocab=hi - lo, low=0) + lo
-    with torch.no_grad():
-        while ids.shape[1] < 16:
-            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    return ids
-
-
-def make_data(seed: int = 0) -> Data:
-    """Forget prompts use token ids 3..63, retain prompts 64..127: the sets activate differently."""
-    def win(lo: int, hi: int, s: int) -> torch.Tensor:
-        return _greedy_windows(lo, hi, s).clone()
-
-    d = Data(win(3, 64, seed), win(64, 128, seed + 1), win(3, 64, seed + 2), win(64, 128, seed + 3))
-    d.skip = {"forget": torch.tensor([3, 4, 5]), "retain": torch.tensor([64, 65])}
-    return d
 
 
 def _prune_runs(out: Path) -> dict[str, Any]:

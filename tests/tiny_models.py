@@ -13,11 +13,14 @@ processes, torch's two-thread kernels spin and run tiny matmuls ~1000x slower.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import transformers as T
+
+from selprune.data import Data
 
 torch.set_num_threads(1)
 
@@ -122,3 +125,26 @@ def tiny_gemma3_multimodal(seed: int = 0, std: float = 0.3) -> torch.nn.Module:
     model = T.Gemma3ForConditionalGeneration(cfg)
     _reinit(model, std, torch.Generator().manual_seed(seed))
     return model.eval()
+
+
+@functools.cache
+def _greedy_windows(lo: int, hi: int, seed: int) -> torch.Tensor:
+    """4 windows of 16 tokens: a random 4-token prompt from ids lo..hi-1, continued greedily
+    by the tiny llama (seed 0) that the runs prune, so that its unpruned top-1 accuracy is
+    high and pruning visibly lowers it."""
+    model = tiny_model("llama", seed=0)
+    ids = random_windows(4, 4, seed=seed, vocab=hi - lo, low=0) + lo
+    with torch.no_grad():
+        while ids.shape[1] < 16:
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids
+
+
+def loop_data(seed: int = 0) -> Data:
+    """Forget prompts use token ids 3..63, retain prompts 64..127: the sets activate differently."""
+    def win(lo: int, hi: int, s: int) -> torch.Tensor:
+        return _greedy_windows(lo, hi, s).clone()
+
+    d = Data(win(3, 64, seed), win(64, 128, seed + 1), win(3, 64, seed + 2), win(64, 128, seed + 3))
+    d.skip = {"forget": torch.tensor([3, 4, 5]), "retain": torch.tensor([64, 65])}
+    return d

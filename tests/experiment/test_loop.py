@@ -4,14 +4,14 @@ conditions, determinism, what config.json records, and the run folder's format."
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import random_windows, tiny_model
+from tiny_models import loop_data as make_data
+from tiny_models import tiny_model
 
 from selprune.data import Data
 from selprune.errors import SelpruneError
@@ -30,29 +30,6 @@ N_FF, N_ATTN = 2 * 48, 2 * 4 * 8  # tiny llama: neurons per kind
 # the model and datasets are valid names (validation checks they exist); the windows come from make_data
 CFG = Config(ff_frac=0.1, attn_frac=0.05, steps=3, window=16, collect_tokens=64, eval_tokens=64, batch_size=4,
              skip_k=5, retrain_window=16)
-
-
-@functools.cache
-def _greedy_windows(lo: int, hi: int, seed: int) -> torch.Tensor:
-    """4 windows of 16 tokens: a random 4-token prompt from ids lo..hi-1, continued greedily
-    by the tiny llama (seed 0) that the runs prune, so that its unpruned top-1 accuracy is
-    high and pruning visibly lowers it."""
-    model = tiny_model("llama", seed=0)
-    ids = random_windows(4, 4, seed=seed, vocab=hi - lo, low=0) + lo
-    with torch.no_grad():
-        while ids.shape[1] < 16:
-            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    return ids
-
-
-def make_data(seed: int = 0) -> Data:
-    """Forget prompts use token ids 3..63, retain prompts 64..127: the sets activate differently."""
-    def win(lo: int, hi: int, s: int) -> torch.Tensor:
-        return _greedy_windows(lo, hi, s).clone()
-
-    d = Data(win(3, 64, seed), win(64, 128, seed + 1), win(3, 64, seed + 2), win(64, 128, seed + 3))
-    d.skip = {"forget": torch.tensor([3, 4, 5]), "retain": torch.tensor([64, 65])}
-    return d
 
 
 def run(cfg: Config, run_dir: Path, kind: str = "both", seed: int = 0, data: Data | None = None):

@@ -100,7 +100,7 @@ def strip_seconds(curve: list[dict]) -> list[dict]:
 def test_bad_retraining_parameters_are_refused(change: dict, message: str) -> None:
     cfg = Config(window=WINDOW, retrain_window=WINDOW).replace(**change)
     with pytest.raises(SelpruneError, match=message):
-        validate(cfg)
+        validate(cfg, relearn=True)  # work that retrains: every retraining rule applies
 
 
 def test_a_window_longer_than_the_data_is_refused() -> None:
