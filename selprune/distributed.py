@@ -22,6 +22,7 @@ MASTER_PORT. `selprune prune` does this itself.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -65,7 +66,10 @@ def local_rank() -> int:
 
 
 # ------------------------------------------------------------------------ set-up
-def init(timeout_s: float = 1800.0) -> bool:
+RENDEZVOUS_TIMEOUT_S = 60.0  # how long init() waits for every rank to join; SELPRUNE_DIST_TIMEOUT overrides it
+
+
+def init(timeout_s: float = 1800.0, rendezvous_s: float | None = None) -> bool:
     """Join the process group described by torchrun's environment variables, if any.
 
     Returns whether this process is now one of several. With WORLD_SIZE unset or 1 (a plain
@@ -73,7 +77,11 @@ def init(timeout_s: float = 1800.0) -> bool:
     CUDA is available ("cpu:gloo,cuda:nccl"): selprune itself reduces CPU tensors only (a few
     MB once per collection), which gloo carries on any machine, while a user's own CUDA
     collectives get NCCL. `timeout_s` bounds how long a rank waits for the others at a
-    collective before failing instead of hanging.
+    collective before failing instead of hanging. `rendezvous_s` (default
+    $SELPRUNE_DIST_TIMEOUT, else 60 s) bounds the wait for every rank to join: ranks
+    started by hand, one of which never comes, fail naming the missing ones instead of
+    waiting for torch's 30 minutes. (Under torchrun its agent starts every rank together
+    and keeps the rendezvous.)
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or (dist.is_available() and dist.is_initialized()):
@@ -86,8 +94,62 @@ def init(timeout_s: float = 1800.0) -> bool:
         raise SelpruneError(f"WORLD_SIZE={world} is set but {', '.join(missing)} is not: launch with torchrun "
                             "(or accelerate launch), which sets them all")
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's agent holds the store
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        me = int(os.environ["RANK"])
+        store = _rendezvous(me, world, rendezvous_timeout() if rendezvous_s is None else rendezvous_s)
+        dist.init_process_group(backend, store=store, rank=me, world_size=world, timeout=timeout)
     return is_active()
+
+
+def rendezvous_timeout() -> float:
+    """Seconds init() waits for every rank: $SELPRUNE_DIST_TIMEOUT, else `RENDEZVOUS_TIMEOUT_S`."""
+    raw = os.environ.get("SELPRUNE_DIST_TIMEOUT", "").strip()
+    if not raw:
+        return RENDEZVOUS_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise SelpruneError(f"SELPRUNE_DIST_TIMEOUT={raw!r}; give the seconds to wait for every rank, e.g. 60")
+    return value
+
+
+def _rendezvous(me: int, world: int, wait_s: float) -> dist.Store:
+    """Rank 0 serves a TCPStore at MASTER_ADDR:MASTER_PORT; every rank checks in and waits
+    at most `wait_s` for all of them, so a rank that never comes is named, not waited for."""
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if not 0 <= me < world:
+        raise SelpruneError(f"RANK={me} is outside WORLD_SIZE={world}; give each process a rank 0..{world - 1}")
+    launch = (f"start one process per rank, RANK=0..{world - 1}, each with WORLD_SIZE={world} MASTER_ADDR={addr} "
+              f"MASTER_PORT={port}, or launch with torchrun --nproc_per_node {world}; "
+              f"SELPRUNE_DIST_TIMEOUT sets the wait ({wait_s:g} s)")
+    try:
+        store = dist.TCPStore(addr, port, world, is_master=me == 0, timeout=timedelta(seconds=wait_s),
+                              wait_for_workers=False, multi_tenant=True)
+    except RuntimeError as e:
+        if me == 0:
+            raise SelpruneError(f"rank 0 cannot serve the rendezvous at {addr}:{port} ({' '.join(str(e).split())[:160]}); "
+                                "set MASTER_PORT to a free port (every rank the same)") from e
+        raise SelpruneError(f"rank {me} could not reach rank 0 at {addr}:{port} within {wait_s:g} s: "
+                            f"rank 0 never joined; {launch}") from e
+    store.set(f"selprune/joined/{me}", str(os.getpid()))
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            absent = [r for r in range(world) if not store.check([f"selprune/joined/{r}"])]
+        except RuntimeError as e:  # rank 0 left: it gave up, or failed
+            raise SelpruneError(f"rank {me} lost rank 0 at {addr}:{port} during the rendezvous; {launch}") from e
+        if not absent:
+            return store
+        if time.monotonic() > deadline:
+            ranks = ", ".join(map(str, absent))
+            raise SelpruneError(f"rank {me} waited {wait_s:g} s for WORLD_SIZE={world} processes; "
+                                f"rank{'s' if len(absent) > 1 else ''} {ranks} never joined; {launch}")
+        time.sleep(0.05)
 
 
 def rank_device(device: torch.device) -> torch.device:

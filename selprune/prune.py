@@ -21,12 +21,14 @@ Definitions: docs/method.md, "Pruning (ablation)".
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import save
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from selprune.errors import SelpruneError
 from selprune.models import float64_device
@@ -164,8 +166,11 @@ def _bias_params_expected(model: nn.Module, config) -> set[str]:
     return {n for n, _ in fresh.named_parameters()}
 
 
-def export_pruned(model: nn.Module, pruner: Pruner, out_dir: str | Path) -> Path:
-    """Save the pruned model so that plain `AutoModelForCausalLM.from_pretrained` loads it.
+def export_pruned(model: nn.Module, pruner: Pruner, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase) -> Path:
+    """Save the pruned model as a complete Hugging Face model directory: weights, config,
+    generation config and `tokenizer`, so that plain transformers (`from_pretrained`,
+    `pipeline`) and selprune itself (`load_model`, to prune further or retrain) load it.
+    Written to a temporary sibling folder and renamed into place when complete.
 
     Zero ablation needs nothing special. Mean/peak ablation on a bias-less architecture
     turns on the config flag that gives its projections biases (e.g. Llama's
@@ -173,7 +178,6 @@ def export_pruned(model: nn.Module, pruner: Pruner, out_dir: str | Path) -> Path
     flag also creates.
     """
     out_dir = Path(out_dir)
-    config = model.config
     flags = {}
     for kind, added in pruner.added_bias.items():
         if not added:
@@ -187,7 +191,28 @@ def export_pruned(model: nn.Module, pruner: Pruner, out_dir: str | Path) -> Path
                 "ablation='zero', or register the flag in selprune.sites.ARCHITECTURES"
             )
         flags[flag] = True
-    state = {k: v for k, v in model.state_dict().items()}
+    tmp = out_dir.parent / f".{out_dir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted export: start clean
+    try:
+        with _flags_set(model, flags) as state:
+            model.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        pruner.save_masks(tmp / "selprune_masks.safetensors")
+        atomic_write_json(tmp / "selprune_pruning.json", {k: int(m.sum()) for k, m in pruner.masks.items()})
+    except BaseException:  # nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+@contextmanager
+def _flags_set(model: nn.Module, flags: dict[str, bool]) -> Iterator[dict[str, torch.Tensor]]:
+    """The model's state to save, with zero biases for the sibling projections that the
+    bias `flags` add; the flags are set in its config meanwhile, then put back."""
+    config = model.config
+    state = dict(model.state_dict())
     old = {f: getattr(config, f, None) for f in flags}
     try:
         for f in flags:
@@ -198,17 +223,10 @@ def export_pruned(model: nn.Module, pruner: Pruner, out_dir: str | Path) -> Path
                     raise SelpruneError(f"export: the flags {sorted(flags)} also add {name}, which cannot be zero-filled")
                 weight = state[name[: -len("bias")] + "weight"]
                 state[name] = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
-        tmp = out_dir.parent / f".{out_dir.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted export: start clean
-        model.save_pretrained(tmp, state_dict=state)
+        yield state
     finally:
         for f, v in old.items():
             setattr(config, f, v)
-    pruner.save_masks(tmp / "selprune_masks.safetensors")
-    atomic_write_json(tmp / "selprune_pruning.json", {k: int(m.sum()) for k, m in pruner.masks.items()})
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
 
 
 def masks_summary(masks: dict[str, torch.Tensor]) -> dict[str, list[int]]:

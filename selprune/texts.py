@@ -14,6 +14,7 @@ Packing wastes no compute on padding and makes the stream identical on every run
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -177,13 +178,61 @@ def load_texts(
 
 
 def check_dataset_spec(spec: str) -> None:
-    """Refuse, without reading anything, a spec that names no dataset (a run fails early)."""
-    if spec in DATASETS or spec.startswith("hub:") or Path(spec).expanduser().exists():
+    """Refuse, without reading anything, a spec that names no dataset (a run fails early),
+    and a folder that cannot be one (`check_dataset_folder`)."""
+    if spec in DATASETS or spec.startswith("hub:"):
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        check_dataset_folder(path)
+    if path.exists():
         return
     raise SelpruneError(
         f"unknown dataset {spec!r}: not a name ({', '.join(sorted(DATASETS))}), no file or folder of that "
         "name exists (check the path), and not a hub spec (write hub:ORG/NAME[:CONFIG])"
     )
+
+
+DATA_DEPTH = 2  # a dataset folder has a data file at most this many levels down
+_SCAN_LIMIT = 10_000  # entries looked at, at most, to find one
+
+
+def check_dataset_folder(path: Path) -> None:
+    """Refuse a folder that is no dataset before it is walked: the file system root (every
+    file below it would be read, /proc included) or /proc, /sys, /dev, or one without a
+    data file in its top `DATA_DEPTH` levels (e.g. /usr given by mistake)."""
+    full = path.resolve()
+    formats = ", ".join(sorted(LOCAL_FORMATS))
+    if full == Path(full.anchor) or (os.name == "posix" and full.parts[1:2] in (("proc",), ("sys",), ("dev",))):
+        what = "the root of the file system" if full == Path(full.anchor) else "a system folder, not documents"
+        raise SelpruneError(f"dataset folder {path} is {what}; pass the folder (or file) that holds the documents "
+                            f"({formats} files)")
+    if not _has_data_file(full):
+        raise SelpruneError(f"dataset folder {path} holds no data files ({formats}) in its top {DATA_DEPTH} levels; "
+                            "pass the folder (or file) that holds the documents")
+
+
+def _has_data_file(folder: Path) -> bool:
+    """Whether a file of a `LOCAL_FORMATS` suffix lies within `DATA_DEPTH` levels of `folder`
+    (breadth first, unreadable folders skipped, at most `_SCAN_LIMIT` entries)."""
+    level, seen = [folder], 0
+    for _ in range(DATA_DEPTH):
+        below = []
+        for d in level:
+            try:
+                with os.scandir(d) as entries:
+                    for e in entries:
+                        seen += 1
+                        if seen > _SCAN_LIMIT:
+                            return False
+                        if e.is_file() and Path(e.name).suffix in LOCAL_FORMATS:
+                            return True
+                        if e.is_dir(follow_symlinks=False):
+                            below.append(Path(e.path))
+            except OSError:
+                continue
+        level = below
+    return False
 
 
 # ------------------------------------------------------------------------- windows

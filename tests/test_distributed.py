@@ -2,7 +2,8 @@
 runs and the `selprune prune` command give the statistics, metrics and selected neurons of
 one process over the same windows, each rank runs only its share, rank 0 alone touches the
 run directory, and an error on rank 0 reaches every rank. Plus the helpers' single-process
-behaviour and the command's parameter parsing.
+behaviour, the command's parameter parsing, and the rendezvous: a stated timeout, and a
+rank that never joins is named.
 
 The ranks are forked from the test process (torch and transformers already imported, so
 a rank starts in milliseconds) and meet at a free port; each writes what it saw to a file
@@ -20,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -433,3 +435,57 @@ def test_prune_command_refuses_device_map_with_several_processes(tmp_path: Path,
     assert cli.main(["prune", "--device-map", "auto", "--out", str(tmp_path / "run")]) == 2
     assert "--device-map auto with 2 processes" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ rendezvous
+def _launch_env(monkeypatch: pytest.MonkeyPatch, rank: int, port: int, wait: str | None = "2") -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    if wait is None:
+        monkeypatch.delenv("SELPRUNE_DIST_TIMEOUT", raising=False)
+    else:
+        monkeypatch.setenv("SELPRUNE_DIST_TIMEOUT", wait)
+
+
+def test_the_rendezvous_timeout_is_stated_and_settable(monkeypatch: pytest.MonkeyPatch) -> None:
+    _launch_env(monkeypatch, 0, _free_port(), wait=None)
+    assert distributed.rendezvous_timeout() == distributed.RENDEZVOUS_TIMEOUT_S == 60.0
+    monkeypatch.setenv("SELPRUNE_DIST_TIMEOUT", "2.5")
+    assert distributed.rendezvous_timeout() == 2.5
+    for bad in ("soon", "0", "-3", "nan", "inf"):
+        monkeypatch.setenv("SELPRUNE_DIST_TIMEOUT", bad)
+        with pytest.raises(SelpruneError, match=rf"SELPRUNE_DIST_TIMEOUT='{bad}'; give the seconds to wait"):
+            distributed.init()
+    assert not dist.is_initialized()
+
+
+def test_a_rank_outside_the_world_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    _launch_env(monkeypatch, 2, _free_port())
+    with pytest.raises(SelpruneError, match=r"RANK=2 is outside WORLD_SIZE=2; give each process a rank 0\.\.1"):
+        distributed.init()
+    assert not dist.is_initialized()
+
+
+def test_rank_0_on_a_port_in_use_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        _launch_env(monkeypatch, 0, taken.getsockname()[1])
+        with pytest.raises(SelpruneError, match=r"rank 0 cannot serve the rendezvous at 127\.0\.0\.1:\d+ .*set "
+                                                r"MASTER_PORT to a free port"):
+            distributed.init()
+    assert not dist.is_initialized()
+
+
+def test_a_lonely_rank_0_names_the_missing_rank_within_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In this process, on loopback: rank 0 of 2, nobody else comes (the command-level
+    case, in a subprocess, is in tests/test_hostile_outputs.py)."""
+    _launch_env(monkeypatch, 0, _free_port(), wait="1")
+    t0 = time.monotonic()
+    with pytest.raises(SelpruneError, match=r"rank 0 waited 1 s for WORLD_SIZE=2 processes; rank 1 never joined; "
+                                            r"start one process per rank.*torchrun --nproc_per_node 2"):
+        distributed.init()
+    assert time.monotonic() - t0 < 20 and not dist.is_initialized()

@@ -7,11 +7,13 @@ import concurrent.futures
 import importlib.metadata
 import importlib.util
 import json
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_gemma3_multimodal, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 import selprune.models as models
@@ -399,3 +401,45 @@ def test_cuda_without_gpu_errors(device):
         resolve_device(device)
     with pytest.raises(SelpruneError):
         load_model(EMBEDDED, dtype="float32", device=device)
+
+
+# --------------------------------------------- cache leftovers, checks before loading (#20)
+def test_a_converted_cache_with_a_leftover_loses_the_leftover_not_the_cache(tmp_path, monkeypatch):
+    """A conversion killed after an earlier one finished: the next start removes its
+    temporary folder (under the lock) and converts nothing."""
+    monkeypatch.setattr(models, "convert_gguf", lambda *a: pytest.fail("converted again"))
+    out = tmp_path / "models" / "m"
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    left = tmp_path / "models" / ".m.tmp-123456"
+    (left / "sub").mkdir(parents=True)
+    (left / "sub" / "model.safetensors").write_bytes(b"\0" * 1000)
+    other = tmp_path / "models" / ".mm.tmp-1"  # another model's: not ours to remove
+    other.mkdir()
+    assert models.ensure_converted(tmp_path / "m.gguf", out) == out
+    assert entries(out.parent) == [".mm.tmp-1", "m"] and (out / "config.json").read_text() == "{}"
+
+
+def test_max_positions_reads_each_familys_limit():
+    assert models.max_positions(tiny_model("llama", max_position_embeddings=96)) == 96
+    assert models.max_positions(tiny_model("gpt2", n_positions=64)) == 64
+    assert models.max_positions(tiny_model("gptj", n_positions=48)) == 48
+    assert models.max_positions(tiny_model("opt", max_position_embeddings=80)) == 80
+    assert models.max_positions(tiny_gemma3_multimodal()) == 128  # the language model's, inside the wrapper
+    assert models.max_positions(torch.nn.Linear(2, 2)) is None
+    models.check_window(tiny_model("gpt2", n_positions=64), 64)  # the limit itself is fine
+    with pytest.raises(SelpruneError, match=r"window 65 is longer than the model's context: GPT2LMHeadModel takes "
+                                            r"at most 64 positions"):
+        models.check_window(tiny_model("gpt2", n_positions=64), 65)
+
+
+def test_auto_map_on_an_architecture_transformers_knows_is_loaded_without_remote_code(tmp_path, shared_tiny_llama_dir):
+    """Many hub configs carry an auto_map for a model type transformers has since adopted:
+    its own class loads them, and the custom code is never imported."""
+    folder = Path(shutil.copytree(shared_tiny_llama_dir, tmp_path / "model"))
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.Custom"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "modeling_custom.py").write_text("raise SystemExit('custom code ran')\n")
+    model, _ = load_model(str(folder), dtype="float32", device="cpu")
+    assert isinstance(model, LlamaForCausalLM)

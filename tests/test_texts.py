@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import datasets
 import pandas as pd
@@ -164,6 +165,34 @@ def test_missing_dataset_names_the_fix(tmp_path):
     # the check without reading anything, which parameter validation runs before any work
     with pytest.raises(SelpruneError, match=r"no-such-corpus.jsonl.*check the path"):
         texts.check_dataset_spec(missing)
+
+
+@pytest.mark.parametrize("folder, what", [("/", "the root of the file system"), ("/proc", "a system folder")])
+def test_the_root_and_system_folders_are_refused_before_being_walked(folder, what, monkeypatch):
+    if not Path(folder).is_dir():
+        pytest.skip(f"no {folder} here")
+
+    def walked(*a, **k):
+        raise AssertionError("the folder was walked")
+
+    monkeypatch.setattr(Path, "rglob", walked)
+    with pytest.raises(SelpruneError, match=rf"dataset folder {folder} is {what}.*pass the folder \(or file\) "
+                                            "that holds the documents"):
+        load_texts(folder, "train")
+
+
+def test_a_dataset_folder_needs_a_data_file_in_its_top_two_levels(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "readme.md").write_text("not data")
+    with pytest.raises(SelpruneError, match=r"holds no data files \(.*\.jsonl.*\) in its top 2 levels; pass the "
+                                            r"folder \(or file\) that holds the documents"):
+        texts.check_dataset_spec(str(tmp_path))
+    write_jsonl(tmp_path / "a" / "b" / "deep.jsonl", [{"text": "three levels down"}])
+    with pytest.raises(SelpruneError, match="in its top 2 levels"):
+        texts.check_dataset_spec(str(tmp_path))
+    texts.check_dataset_spec(str(tmp_path / "a"))  # two levels down from a: found
+    write_jsonl(tmp_path / "a" / "near.jsonl", [{"text": "two levels down"}])
+    texts.check_dataset_spec(str(tmp_path))
 
 
 def test_series_refuses_a_missing_dataset_before_making_its_run_directory(tmp_path):

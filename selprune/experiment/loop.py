@@ -21,6 +21,8 @@ rank 0 alone reads and writes the run directory and hands what it read to the ot
 from __future__ import annotations
 
 import functools
+import os
+import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -37,6 +39,7 @@ from selprune.evaluate import evaluate_both
 from selprune.experiment.config import Config, stage_of, validate
 from selprune.experiment.rundir import RunDir, Step
 from selprune.experiment.runs import RunKind, run_kind
+from selprune.models import check_window
 from selprune.prune import Pruner, ablation_values, masks_summary
 from selprune.scoring import score
 from selprune.select import select
@@ -47,6 +50,7 @@ from selprune.stats import collect_stats
 RUN_STAGES = ("setup", "data", "score", "prune")  # the parameters that define a pruning run's results
 RERUN_SAFE = ("batch_size", "device")  # they change speed, not results
 RUN_FORMAT = 2  # config.json layout: 2 = the parameter schema's names
+PROGRESS_ADDR_ENV = "SELPRUNE_PROGRESS_ADDR"  # set by `selprune run` for its kernels (announce_step)
 
 
 def data_for(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> Data:
@@ -92,6 +96,7 @@ def run_pruning(cfg: Config, run: str, run_dir: str | Path, model: nn.Module, to
     seconds per phase."""
     kind = run_kind(run)
     validate(cfg, runs=[run], require_runs=False)
+    check_window(model, cfg.window if data is None else data.forget_test.shape[-1])  # before the run directory
     torch.manual_seed(cfg.seed)
     sites = find_sites(model)
     pruner = Pruner(model, sites)
@@ -128,7 +133,27 @@ def run_pruning(cfg: Config, run: str, run_dir: str | Path, model: nn.Module, to
         record, new, values = _step(cfg, kind, step, model, sites, pruner, data, fixed, progress)
         records.append(record)
         distributed.on_main(functools.partial(save, step, new, values))
+        announce_step(run, record, cfg.steps)
     return records, pruner
+
+
+def announce_step(run: str, record: dict[str, Any], steps: int) -> None:
+    """Under `selprune run` with progress on, one line per finished step for its stderr,
+    sent to the loopback address in $SELPRUNE_PROGRESS_ADDR, which the parent relays (a
+    kernel's own output would go into the notebook). Silent anywhere else."""
+    addr = os.environ.get(PROGRESS_ADDR_ENV)
+    if not addr or os.environ.get("SELPRUNE_PROGRESS", "1") == "0" or not distributed.is_main():
+        return
+    f, secs = record["fraction"], sum(record.get("seconds", {}).values())
+    line = (f"selprune:   {run} step {record['step']}/{steps}: pruned ff {100 * f['ff']:.2f}% attn "
+            f"{100 * f['attn']:.2f}%, top-1 forget {record['forget']['top1']:.3f} retain "
+            f"{record['retain']['top1']:.3f} ({secs:.0f} s)")
+    host, _, port = addr.rpartition(":")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(line.encode(), (host, int(port)))
+    except (OSError, ValueError):  # progress is a courtesy; it never fails a run
+        pass
 
 
 def _step(cfg: Config, kind: RunKind, step: int, model: nn.Module, sites: NeuronSites, pruner: Pruner, data: Data,

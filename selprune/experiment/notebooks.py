@@ -7,10 +7,16 @@ notebooks and results already written stay as they were (every write is atomic).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
 import shutil
+import socket
 import sys
+import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,6 +25,8 @@ import nbformat
 
 from selprune.errors import SelpruneError
 from selprune.experiment.config import resolve
+from selprune.experiment.loop import PROGRESS_ADDR_ENV
+from selprune.experiment.rundir import HELD_ENV, RunDir, write_errors
 from selprune.models import MODELS
 from selprune.paths import REPO_ROOT
 from selprune.texts import DATASETS
@@ -75,7 +83,11 @@ def run_series(params: dict[str, Any], progress: bool = True, notebooks: tuple[s
     """Execute the series with papermill; returns the run directory.
 
     Executed notebooks go to `run_dir/notebooks/`, figures to `run_dir/figures/`, and
-    `run_dir/results.json` is rewritten after each step.
+    `run_dir/results.json` is rewritten after each step. Everything that can be checked
+    is checked before the first kernel starts (parameters, a hub model or dataset that
+    cannot be reached, the run directory). The run directory is held for the whole
+    series (`RunDir.hold`; the kernels are told so through `HELD_ENV`), and with
+    `progress`, the kernels' finished pruning steps are shown on stderr, one line each.
     """
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -83,35 +95,108 @@ def run_series(params: dict[str, Any], progress: bool = True, notebooks: tuple[s
     p = kernel_params(params)
     if "06_retraining_anamnesia.ipynb" in notebooks:  # its rules, before any kernel starts
         resolve(p, relearn=True)
+    check_reachable(p)
     run_dir = Path(p["run_dir"])
     from selprune.experiment.series import Series
 
-    Series(progress=False, **p)  # validate parameters (and the run directory) before starting a kernel
-    out_dir = run_dir / "notebooks"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    env = {"SELPRUNE_PROGRESS": "1" if progress else "0"}
-    manager = kernel_manager_class()
-    for name in notebooks:
-        src = NOTEBOOK_DIR / name
-        if not src.is_file():
-            raise SelpruneError(f"notebook {src} is missing; restore it from the repository")
-        tmp = out_dir / f".tmp-{name}"
-        if progress:
-            print(f"selprune: {name}", file=sys.stderr)
-        try:
-            with _environ(env):
+    held = os.pathsep.join(filter(None, (os.environ.get(HELD_ENV), str(run_dir))))
+    with RunDir(run_dir).hold(), write_errors(run_dir), _step_lines(progress) as lines, \
+            _environ({"SELPRUNE_PROGRESS": "1" if progress else "0", HELD_ENV: held, **lines}):
+        Series(progress=False, **p)  # validate parameters (and the run directory) before starting a kernel
+        out_dir = run_dir / "notebooks"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        manager = kernel_manager_class()
+        for name in notebooks:
+            src, tmp = NOTEBOOK_DIR / name, out_dir / f".tmp-{name}"
+            if not src.is_file():
+                raise SelpruneError(f"notebook {src} is missing; restore it from the repository")
+            if progress:
+                print(f"selprune: {name}", file=sys.stderr)
+            try:
                 papermill.execute_notebook(str(src), str(tmp), parameters=p, cwd=str(NOTEBOOK_DIR),
-                                           progress_bar=progress, kernel_name="python3",
-                                           kernel_manager_class=manager)
-        except PapermillExecutionError as e:
-            failed = out_dir / f"FAILED-{name}"
-            tmp.replace(failed) if tmp.exists() else None
-            raise SelpruneError(
-                f"notebook {name} failed in cell {e.exec_count} ({e.ename}: {e.evalue}); "
-                f"the executed notebook is {failed}"
-            ) from e
-        tmp.replace(out_dir / name)
+                                           progress_bar=progress, kernel_name="python3", kernel_manager_class=manager)
+            except PapermillExecutionError as e:
+                raise _failure(e, name, tmp, run_dir) from e
+            tmp.replace(out_dir / name)
     return run_dir
+
+
+def _failure(e: Any, name: str, tmp: Path, run_dir: Path) -> SelpruneError:
+    """The error of a failed notebook, which is kept as notebooks/FAILED-NAME."""
+    failed = tmp.with_name(f"FAILED-{name}")
+    tmp.replace(failed) if tmp.exists() else None
+    fix = ""
+    m = re.search(r"\[Errno (\d+)\]", e.evalue or "")
+    if m is not None and int(m[1]) in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        fix = (f"it could not write in {run_dir}: free disk space (or raise the file-size limit, ulimit -f) and run "
+               "the same command again, finished work is kept; ")
+    return SelpruneError(f"notebook {name} failed in cell {e.exec_count} ({e.ename}: {e.evalue}); {fix}"
+                         f"the executed notebook is {failed}")
+
+
+def check_reachable(p: dict[str, Any]) -> None:
+    """Refuse, before any kernel starts, a hub model (not in the local Hugging Face cache)
+    or a hub dataset when the hub cannot be reached: notebook 01 would fail only after its
+    kernel started and imported everything."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from selprune.models import hub_reachable, model_spec_kind
+
+    if model_spec_kind(p["model"]) == "hub" and not isinstance(try_to_load_from_cache(p["model"], "config.json"), str) \
+            and not hub_reachable():
+        raise SelpruneError(
+            f"model {p['model']!r} is a Hugging Face hub id, it is not in the local cache, and the hub cannot be "
+            "reached (no network). Download it where there is a network (`huggingface-cli download "
+            f"{p['model']} --local-dir DIR`) and pass the local directory DIR instead, or use the embedded default "
+            "'smollm2-135m'."
+        )
+    for side in ("forget", "retain"):
+        spec = p[side]
+        on_hub = spec.startswith("hub:") or (spec in DATASETS and DATASETS[spec].kind == "hub")
+        if on_hub and not hub_reachable():
+            raise SelpruneError(f"{side} dataset {spec!r} is on the Hugging Face hub, which cannot be reached (no "
+                                "network). Use a bundled set (prose, code) or a local .txt/.jsonl/.parquet file or "
+                                "folder instead.")
+
+
+@contextlib.contextmanager
+def _step_lines(progress: bool) -> Iterator[dict[str, str]]:
+    """With `progress`: a loopback UDP socket to which the kernels send a line per
+    finished pruning step (`loop.PROGRESS_ADDR_ENV`), relayed to this process's stderr as
+    they come, so a long pruning cell shows its steps without any of it entering the
+    notebooks (and without a file to write)."""
+    if not progress:
+        yield {}
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(0.2)
+        stop = threading.Event()
+        relay = threading.Thread(target=_relay, args=(sock, stop), daemon=True)
+        relay.start()
+        try:
+            yield {PROGRESS_ADDR_ENV: "{}:{}".format(*sock.getsockname())}
+        finally:
+            stop.set()
+            relay.join()
+
+
+def _relay(sock: socket.socket, stop: threading.Event) -> None:
+    """Print each line received on `sock` to stderr (above any progress bar) until `stop`,
+    then the ones still queued."""
+    from tqdm import tqdm
+
+    while True:
+        last = stop.is_set()  # once stopped, take what is queued without waiting
+        sock.settimeout(0 if last else 0.2)
+        try:
+            line = sock.recv(65536).decode(errors="replace").rstrip("\n")
+        except (BlockingIOError, TimeoutError):
+            if last:
+                return
+            continue
+        with tqdm.external_write_mode(file=sys.stderr):
+            print(line, file=sys.stderr, flush=True)
 
 
 def kernel_params(params: dict[str, Any]) -> dict[str, Any]:

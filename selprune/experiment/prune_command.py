@@ -14,6 +14,7 @@ windows between them (README, "Scaling up").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from selprune.experiment.config import FIELDS, Config, resolve, stage_of, valida
 from selprune.experiment.loop import RUN_STAGES
 from selprune.experiment.param_args import add_param_options, read_params
 from selprune.experiment.render import help_epilog
+from selprune.experiment.rundir import RunDir, write_error
 from selprune.experiment.runs import RUN_KINDS
 
 
@@ -74,11 +76,8 @@ def config_from(params: dict[str, Any], run: str, preset: str | None = None,
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the command; a `SelpruneError` prints as one line and exits with status 2."""
-    from selprune.experiment.loop import run_pruning
-    from selprune.models import load_model, resolve_device
-    from selprune.prune import export_pruned
-
+    """Run the command; a `SelpruneError` prints as one line and exits with status 2, and so
+    does a file that cannot be written under --out (`rundir.write_error`)."""
     main_rank = True
     try:
         params = read_params(args.file, args.param)
@@ -93,20 +92,40 @@ def main(args: argparse.Namespace) -> int:
                     "own copy of the model over the same GPUs. Use torchrun (one GPU per process, model fits one "
                     "GPU) or --device-map in one process (model over all GPUs), not both"
                 )
-        device = distributed.rank_device(resolve_device(cfg.device))
-        model, tok = load_model(cfg.model, cfg.dtype, device, device_map=args.device_map)
-        records, pruner = run_pruning(cfg, args.run, args.out, model, tok, progress=not args.quiet and main_rank)
-        if args.save_model:
-            distributed.on_main(lambda: export_pruned(model, pruner, Path(args.out) / "pruned-model"))
+        with contextlib.ExitStack() as held:  # rank 0 holds --out: a second writer is refused
+            distributed.on_main(lambda: held.enter_context(RunDir(args.out).hold()) and None)
+            records = _prune(args, cfg, main_rank)
     except SelpruneError as e:
-        print(f"selprune: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the cause
-        return 2
+        return _fail(str(e))
+    except OSError as e:
+        if (msg := write_error(e, args.out)) is None:
+            raise
+        return _fail(msg)
     finally:
         distributed.cleanup()
     if main_rank:
         print(_table(records))
         print(f"\nrecords: {Path(args.out) / 'records.json'}")
     return 0
+
+
+def _fail(msg: str) -> int:
+    print(f"selprune: error: {' '.join(msg.split())}", file=sys.stderr)  # one line, whatever the cause
+    return 2
+
+
+def _prune(args: argparse.Namespace, cfg: Config, main_rank: bool) -> list[dict[str, Any]]:
+    """Load the model, run (or resume) the pruning run into --out, export if asked."""
+    from selprune.experiment.loop import run_pruning
+    from selprune.models import load_model, resolve_device
+    from selprune.prune import export_pruned
+
+    device = distributed.rank_device(resolve_device(cfg.device))
+    model, tok = load_model(cfg.model, cfg.dtype, device, device_map=args.device_map)
+    records, pruner = run_pruning(cfg, args.run, args.out, model, tok, progress=not args.quiet and main_rank)
+    if args.save_model:
+        distributed.on_main(lambda: export_pruned(model, pruner, Path(args.out) / "pruned-model", tok))
+    return records
 
 
 def _table(records: list[dict[str, Any]]) -> str:

@@ -38,7 +38,7 @@ from selprune.experiment.relearning import ANAMNESIA_SELECTIVE, anamnesia_from_r
 from selprune.experiment.results import finished_runs, write_results
 from selprune.experiment.rundir import RunDir
 from selprune.experiment.runs import FLOOR, RUN_KINDS, run_kind, runs_of_notebook
-from selprune.models import load_model
+from selprune.models import check_window, load_model
 from selprune.prune import export_pruned
 from selprune.scoring import IMPORTANCE, score
 from selprune.select import select
@@ -100,6 +100,7 @@ class Series:
 
     @cached_property
     def data(self) -> Data:
+        check_window(self.model, self.cfg.window)  # before any work: a window past the model's context
         with quiet_libraries(not self.progress):
             return data_for(self.cfg, self.tokenizer)
 
@@ -168,7 +169,7 @@ class Series:
         try:
             if kind.exports:
                 with quiet_libraries(not self.progress):  # transformers' "Writing model shards" bar
-                    export_pruned(self.model, pruner, self.run_dir / "pruned-model")
+                    export_pruned(self.model, pruner, self.run_dir / "pruned-model", self.tokenizer)
         finally:
             pruner.restore()
         self.write_results()

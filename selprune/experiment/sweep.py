@@ -22,6 +22,7 @@ from typing import Any
 from selprune.experiment.config import Config
 from selprune.experiment.leaderboard import frontier_curves, leaderboard, write_leaderboard
 from selprune.experiment.notebooks import run_series
+from selprune.experiment.rundir import RunDir, write_errors
 from selprune.experiment.runs import RUN_KINDS
 from selprune.experiment.sweepfile import Point, Sweep
 
@@ -56,31 +57,38 @@ def run_sweep(sweep: Sweep, progress: bool = True, log: Callable[[str], None] | 
 
     A point that raises is recorded in `sweep.failed` (its error in one line) and the
     sweep goes on; the leaderboard is rewritten after every point, so an interrupted
-    sweep still leaves an up-to-date one.
+    sweep still leaves an up-to-date one. The sweep folder is held for the sweep, and
+    each point's folder while it runs (`RunDir.hold`): a second sweep into the same
+    folder is refused.
     """
     log = log or (lambda msg: print(f"selprune sweep: {msg}", file=sys.stderr))
-    sweep.out.mkdir(parents=True, exist_ok=True)
-    n = len(sweep.points)
-    for i, pt in enumerate(sweep.points, 1):
-        t0 = time.perf_counter()
-        try:
-            if pt.status() == "done":
-                log(f"[{i}/{n}] {pt.name}: finished earlier, skipped")
-                continue
-            log(f"[{i}/{n}] {pt.name}: running {', '.join(pt.runs)} ({', '.join(pt.notebooks)})")
-            run_series(pt.params, progress=progress, notebooks=pt.notebooks)
-        except Exception as e:  # noqa: BLE001 - any failure of one point is recorded, and the sweep goes on
-            sweep.failed[pt.name] = f"{type(e).__name__}: {' '.join(str(e).split())}"
-            log(f"[{i}/{n}] {pt.name}: FAILED ({sweep.failed[pt.name]})")
-        else:
-            if not sweep.keep_models:  # a full model copy per point; the leaderboard needs none
-                shutil.rmtree(pt.run_dir / "pruned-model", ignore_errors=True)
-            log(f"[{i}/{n}] {pt.name}: done in {time.perf_counter() - t0:.0f} s")
+    with RunDir(sweep.out).hold(), write_errors(sweep.out):
+        for i, pt in enumerate(sweep.points, 1):
+            if _run_point(sweep, pt, f"[{i}/{len(sweep.points)}] {pt.name}", progress, log):
+                rows = leaderboard(sweep)
+                write_leaderboard(rows, sweep.out, frontier_curves(sweep, rows))
         rows = leaderboard(sweep)
         write_leaderboard(rows, sweep.out, frontier_curves(sweep, rows))
-    rows = leaderboard(sweep)
-    write_leaderboard(rows, sweep.out, frontier_curves(sweep, rows))
     return rows
+
+
+def _run_point(sweep: Sweep, pt: Point, label: str, progress: bool, log: Callable[[str], None]) -> bool:
+    """Run one point unless it is done (False: skipped); a failure goes to `sweep.failed`, not up."""
+    t0 = time.perf_counter()
+    try:
+        if pt.status() == "done":
+            log(f"{label}: finished earlier, skipped")
+            return False
+        log(f"{label}: running {', '.join(pt.runs)} ({', '.join(pt.notebooks)})")
+        run_series(pt.params, progress=progress, notebooks=pt.notebooks)
+    except Exception as e:  # noqa: BLE001 - any failure of one point is recorded, and the sweep goes on
+        sweep.failed[pt.name] = f"{type(e).__name__}: {' '.join(str(e).split())}"
+        log(f"{label}: FAILED ({sweep.failed[pt.name]})")
+        return True
+    if not sweep.keep_models:  # a full model copy per point; the leaderboard needs none
+        shutil.rmtree(pt.run_dir / "pruned-model", ignore_errors=True)
+    log(f"{label}: done in {time.perf_counter() - t0:.0f} s")
+    return True
 
 
 def describe(sweep: Sweep) -> str:

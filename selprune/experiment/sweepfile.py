@@ -33,6 +33,7 @@ Resuming and the leaderboard: `selprune.experiment.sweep`, `selprune.experiment.
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ from selprune.experiment.series import RERUN_SAFE
 from selprune.selectivity import should_stop
 
 TOP_KEYS = ("out", "base", "variants", "grid", "seeds", "keep_models", "preset")
+LEADERBOARD_FILE, FIGURES_DIR = "leaderboard.csv", "figures"  # what the sweep writes beside its points
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -184,14 +186,48 @@ def expand(spec: Any, source: str = "sweep file", out: str | Path | None = None,
         given = {**base, **settings, "run_dir": str(out_dir / name)}
         points.append(Point(name, _check_point(given, preset, f"{source}: point {name!r}"), settings))
 
-    seen: dict[str, int] = {}
-    for i, pt in enumerate(points):
-        if pt.name in seen:
-            raise SelpruneError(f"{source}: two points are both named {pt.name!r} (and would share a run directory); "
-                                "give the variants distinct names")
-        seen[pt.name] = i
+    _check_out(out_dir, [pt.name for pt in points], source)
     varied = [k for k in FIELDS if k != "run_dir" and len({repr(p.params[k]) for p in points}) > 1]
     return Sweep(source, out_dir, points, varied, keep)
+
+
+def _check_out(out: Path, names: list[str], source: str) -> None:
+    """What the sweep writes under `out` can be written: one folder per point name, `out`
+    is no file, leaderboard.csv and figures/ are not taken by something else, and every
+    point's folder name is one the file system allows (checked now, not when the point's
+    turn comes)."""
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:
+        raise SelpruneError(f"{source}: two points are both named {twice!r} (and would share a run directory); "
+                            "give the variants distinct names")
+    fix = "remove or rename it, or choose another out (--out)"
+    if out.exists() and not out.is_dir():
+        raise SelpruneError(f"{source}: out {out} is a file, not a folder; {fix}")
+    for name, want_dir in ((LEADERBOARD_FILE, False), (FIGURES_DIR, True)):
+        f, what = out / name, "figures folder" if want_dir else "leaderboard file"
+        if f.exists() and f.is_dir() != want_dir:
+            raise SelpruneError(f"{source}: {f} is a {'file' if want_dir else 'folder'}, where the sweep writes its "
+                                f"{what}; {fix}")
+        if name in names:
+            raise SelpruneError(f"{source}: point {name!r} would have the folder {f}, the sweep's own {what}; "
+                                "give the variant another name")
+    limit = _name_max(out)
+    for name in names:
+        size = len(os.fsencode(name))
+        if size > limit:
+            shown = name if len(name) <= 60 else name[:60] + "..."
+            raise SelpruneError(f"{source}: point {shown!r} has a folder name of {size} bytes, longer than the "
+                                f"file system allows ({limit}); give its variant a short name (name: ...), or vary "
+                                "fewer parameters in the grid")
+
+
+def _name_max(out: Path) -> int:
+    """The longest file name the file system under `out` (or its nearest existing parent) allows."""
+    folder = next((d for d in (out, *out.absolute().parents) if d.is_dir()), Path("."))
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no answer: the common limit
+        return 255
 
 
 def _check_names(params: dict[str, Any], where: str) -> None:

@@ -1,5 +1,6 @@
 """Running the notebook series (selprune/experiment/notebooks.py): papermill into a run
-directory, the kernels' parameters and transport, failing cells, and cleaning.
+directory, the kernels' parameters and transport, failing cells, cleaning, and the
+pruning steps shown on stderr while a notebook runs.
 
 The papermill tests execute the real notebooks in kernels, on a tiny random Llama saved
 as a local model directory (with the embedded tokenizer), so they cost mostly kernel
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -147,3 +149,52 @@ def test_failing_notebook_leaves_earlier_outputs_intact(tmp_path, shared_tiny_ll
 
     for name in ("01_collect_activations.ipynb", "02_score_neurons.ipynb"):
         nbformat.validate(nbformat.read(run_dir / "notebooks" / name, as_version=4))
+
+
+# ----------------------------------------------------------------------- progress
+STEP_LINE = re.compile(r"^selprune:   (\w+) step (\d+)/(\d+): pruned ff [\d.]+% attn [\d.]+%, top-1 forget [\d.]+ "
+                       r"retain [\d.]+ \(\d+ s\)$")
+
+
+def _record(step: int) -> dict:
+    return {"step": step, "fraction": {"ff": 0.05 * step, "attn": 0.0}, "forget": {"top1": 0.5}, "retain": {"top1": 0.6},
+            "seconds": {"collect": 1.0, "eval": 2.0}}
+
+
+def test_step_lines_reach_stderr_only_with_progress_on(monkeypatch, capsys):
+    """The kernels' side (loop.announce_step) and the parent's (the relay of
+    run_series): a line per step with progress on; nothing with SELPRUNE_PROGRESS=0 (make
+    notebooks), and nothing outside `selprune run` (no address to send to)."""
+    from selprune.experiment import loop, notebooks
+
+    with notebooks._step_lines(True) as env:
+        assert re.fullmatch(r"127\.0\.0\.1:\d+", env[loop.PROGRESS_ADDR_ENV]), "loopback only"
+        monkeypatch.setenv(loop.PROGRESS_ADDR_ENV, env[loop.PROGRESS_ADDR_ENV])
+        monkeypatch.setenv("SELPRUNE_PROGRESS", "1")
+        loop.announce_step("ff", _record(1), 2)
+        loop.announce_step("ff", _record(2), 2)
+        monkeypatch.setenv("SELPRUNE_PROGRESS", "0")
+        loop.announce_step("ff", _record(3), 3)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all(STEP_LINE.match(line) for line in lines), lines
+    assert lines[1] == "selprune:   ff step 2/2: pruned ff 10.00% attn 0.00%, top-1 forget 0.500 retain 0.600 (3 s)"
+    monkeypatch.setenv("SELPRUNE_PROGRESS", "1")
+    monkeypatch.delenv(loop.PROGRESS_ADDR_ENV)
+    loop.announce_step("ff", _record(1), 2)  # a notebook opened by hand, a plain python: silent
+    with notebooks._step_lines(False) as env:
+        assert env == {}
+    assert capsys.readouterr().err == ""
+
+
+def test_run_series_with_progress_prints_a_line_per_pruning_step(tmp_path, tiny_llama_dir, capsys):
+    """A real kernel: notebook 03 on the tiny model, with progress on. Its pruning steps
+    show on the parent's stderr as they finish; the executed notebook holds none of it."""
+    run_dir = run_series({**TINY, "model": str(tiny_llama_dir), "run_dir": str(tmp_path / "run")}, progress=True,
+                         notebooks=("03_prune_ffn.ipynb",))
+    lines = [m.groups() for line in capsys.readouterr().err.splitlines() if (m := STEP_LINE.match(line))]
+    results = json.loads((run_dir / "results.json").read_text())
+    want = [(run, str(r["step"]), str(TINY["steps"])) for run in ("ff", "random")
+            for r in results["runs"][run]["records"][1:]]
+    assert lines == want and want
+    stored = (run_dir / "notebooks" / "03_prune_ffn.ipynb").read_text()
+    assert "step 1/" not in stored, "no step lines in the notebook"

@@ -1,6 +1,6 @@
 """The run directory (selprune/experiment/rundir.py): the parameter lock and `param_diff`,
 JSON files read with a clear error, a pruning run's step files, corrupt files, a folder
-made with other parameters, and replay."""
+made with other parameters, replay, the one-writer hold, and write errors."""
 
 from __future__ import annotations
 
@@ -296,3 +296,121 @@ def test_replaying_a_step_past_the_end_is_refused(three_steps, step):
 def test_replay_of_an_unfinished_run_is_refused(tmp_path):
     with pytest.raises(SelpruneError, match=r"is not a finished pruning run \(no records.json\); run the pruning first"):
         RunDir(tmp_path).replay(tiny_model("llama"))
+
+
+# ------------------------------------------------------------------ one writer
+HOLDER = """
+import sys, time
+from selprune.experiment.rundir import RunDir
+with RunDir(sys.argv[1]).hold():
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_folder_held_by_another_process_is_refused_and_freed_when_it_is_killed(tmp_path):
+    """The lock is the kernel's: a second process is refused naming the folder, and a
+    SIGKILLed holder leaves nothing that keeps the folder locked."""
+    import signal
+    import subprocess
+    import sys
+
+    folder = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SelpruneError, match=rf"run directory {folder} is being written by another selprune "
+                                                r"process; wait for it to finish \(or stop it\), or use another"):
+            with RunDir(folder).hold():
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+    with RunDir(folder).hold() as rd:  # free again
+        rd.write_json("x.json", 1)
+    assert rd.read_json("x.json") == 1
+
+
+def _flock(folder: Path) -> int:
+    """Hold `folder` through an open file description of our own, as another process would."""
+    import fcntl
+    import os
+
+    from selprune.experiment.rundir import LOCK_FILE
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def test_a_hold_is_reentrant_and_a_child_of_the_holder_passes(tmp_path, monkeypatch):
+    import os
+
+    from selprune.experiment.rundir import HELD_ENV
+
+    folder = tmp_path / "run"
+    with RunDir(folder).hold(), RunDir(folder).hold():  # one process, twice: no deadlock
+        pass
+    fd = _flock(folder)
+    try:
+        with pytest.raises(SelpruneError, match="another selprune process"):
+            with RunDir(folder).hold():
+                pass
+        monkeypatch.setenv(HELD_ENV, os.pathsep.join(["/elsewhere", str(folder.resolve())]))
+        with RunDir(folder).hold():  # a kernel whose parent holds the folder for it
+            pass
+    finally:
+        os.close(fd)
+
+
+def test_a_failed_hold_leaves_no_folder_it_made_but_keeps_written_work(tmp_path):
+    with pytest.raises(RuntimeError):
+        with RunDir(tmp_path / "a" / "b" / "run").hold():
+            raise RuntimeError("refused before writing anything")
+    assert list(tmp_path.iterdir()) == [], "a refused run leaves no trace"
+    with pytest.raises(RuntimeError):
+        with RunDir(tmp_path / "run").hold() as rd:
+            rd.write_json("config.json", {})
+            raise RuntimeError("failed after writing")
+    assert (tmp_path / "run" / "config.json").is_file(), "written work stays, for the rerun to resume"
+
+
+# ---------------------------------------------------------------- write errors
+def test_a_write_that_fails_midway_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """A full disk fails in write(), whose OSError names no file: the message still does."""
+    import errno
+    import os
+    import sys
+
+    from selprune.experiment.rundir import write_errors
+
+    real = os.fsync
+
+    def full(fd):
+        if sys._getframe(1).f_code.co_filename.endswith("paths.py"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    rd = RunDir(tmp_path / "run")
+    with pytest.raises(SelpruneError, match=rf"cannot write {rd.file('records.json')} \(No space left on device\); "
+                                            r"free disk space .* run the same command again"):
+        with write_errors(rd.path):
+            rd.save_records([{"step": 0}])
+    assert list(rd.path.iterdir()) == [], "no temporary file left"
+
+
+def test_write_error_reads_temporary_names_and_lets_other_errors_pass(tmp_path):
+    import errno
+
+    from selprune.experiment.rundir import write_error, write_errors
+
+    tmp = tmp_path / "run" / ".records.json.0123456789ab.tmp"
+    msg = write_error(PermissionError(errno.EACCES, "Permission denied", str(tmp)), tmp_path / "run")
+    assert msg.startswith(f"cannot write {tmp_path / 'run' / 'records.json'} (Permission denied); make ")
+    elsewhere = FileNotFoundError(errno.ENOENT, "No such file or directory", "/models/x/config.json")
+    assert write_error(elsewhere, tmp_path / "run") is None, "not an output error: passes unchanged"
+    with pytest.raises(FileNotFoundError):
+        with write_errors(tmp_path / "run"):
+            raise elsewhere

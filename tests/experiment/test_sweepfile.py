@@ -113,6 +113,35 @@ def test_out_defaults_to_the_file_name_and_the_option_wins(tmp_path):
     assert load_sweep(_write(tmp_path / "o.yaml", {"out": "x/y"}), out=tmp_path / "z").out == tmp_path / "z"
 
 
+# ------------------------------------------------------------- what goes under out
+def test_point_folder_names_are_checked_against_the_file_systems_limit(tmp_path, monkeypatch):
+    """The limit is the file system's (pathconf NAME_MAX of out, or its nearest existing
+    parent), checked when the file is loaded, for names made from a grid too."""
+    import os
+
+    spec = {"grid": {"importance": ["abs", "std"], "ff_frac": [0.01, 0.02]}}
+    assert len(expand(spec, "s.yaml", tmp_path / "new" / "out").points) == 4  # 28-byte names pass at 255
+    monkeypatch.setattr(os, "pathconf", lambda path, name: 20)  # NAME_MAX, the only one asked
+    with pytest.raises(SelpruneError, match=r"s.yaml: point 'importance-abs__ff_frac-0.01' has a folder name of "
+                                            r"28 bytes, longer than the file system allows \(20\); give its variant a "
+                                            "short name"):
+        expand(spec, "s.yaml", tmp_path / "new" / "out")
+
+
+def test_what_the_sweep_writes_beside_its_points_must_be_free(tmp_path):
+    (tmp_path / "a" / "leaderboard.csv").mkdir(parents=True)
+    with pytest.raises(SelpruneError, match=r"leaderboard.csv is a folder, where the sweep writes its leaderboard "
+                                            "file; remove or rename it"):
+        expand({"base": {}}, "s.yaml", tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "figures").write_text("x")
+    with pytest.raises(SelpruneError, match="figures is a file, where the sweep writes its figures folder"):
+        expand({"base": {}}, "s.yaml", tmp_path / "b")
+    with pytest.raises(SelpruneError, match="point 'figures' would have the folder .*figures, the sweep's own"):
+        expand({"variants": [{"name": "figures"}]}, "s.yaml", tmp_path / "c")
+    assert not (tmp_path / "c").exists(), "loading writes nothing"
+
+
 # ------------------------------------------------------------------ finished runs
 def test_run_finished_means_all_steps_or_the_stop_rule():
     cfg = resolve({"steps": 3, "max_retain_drop": 0.2})
