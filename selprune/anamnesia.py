@@ -86,15 +86,18 @@ def anamnesia_index(
     count (and tokens) between the two evaluations that bracket it: the last one below
     the threshold and the first one at or above it. "First" is literal: a noisy curve
     that touches the threshold once counts from then. A threshold met at the first
-    evaluation gives that evaluation's step (0). Not reached: step None, with a note
-    "not reached within N steps". If pruning removed nothing (base <= pruned, e.g. the
+    evaluation gives that evaluation's step (0).
+
+    Not reached within the budget: the index is *censored*, never a bare "not reached":
+    `step`/`tokens` None, `censored` True, `bound` = {steps, tokens} of the whole budget
+    (the index is larger than that), `text` "> 64 steps, 16k tokens", and
+    `recovered_final`, the fraction regained by the last evaluation. If pruning removed nothing (base <= pruned, e.g. the
     unpruned control) the index is 0 for every q and `note` says so, instead of dividing
     by zero. Keys of `thresholds` are the fractions as strings ("0.5"), for JSON.
     """
     _check_curve(curve)
-    for q in fractions:
-        if not 0 < q <= 1:
-            raise SelpruneError(f"anamnesia fraction {q} is outside (0, 1]; use e.g. 0.5 and 0.9")
+    if bad := [q for q in fractions if not 0 < q <= 1]:
+        raise SelpruneError(f"anamnesia fractions {bad} are outside (0, 1]; use e.g. 0.5 and 0.9")
     removed = base_top1 - pruned_top1
     n = curve[-1]["step"]
     out: dict[str, Any] = {"metric": metric, "base": base_top1, "pruned": pruned_top1, "removed": removed,
@@ -103,29 +106,59 @@ def anamnesia_index(
     if removed <= 0:
         out["note"] = (f"pruning removed no forget {metric} (base {base_top1:.4f} <= pruned {pruned_top1:.4f}): "
                        "nothing to recover; index 0 and recovery_auc 1 by convention")
-        for q in fractions:
-            out["thresholds"][f"{q:g}"] = {"fraction": q, "target": base_top1, "step": 0, "tokens": 0,
-                                           "note": "nothing removed"}
+        out["thresholds"] = {f"{q:g}": _nothing_removed(q, base_top1) for q in fractions}
         return out
     ys = [r["forget"][metric] for r in curve]
-    best = max(_recovered(curve, base_top1, pruned_top1, metric))
+    recovered = _recovered(curve, base_top1, pruned_top1, metric)
+    bound = {"steps": n, "tokens": curve[-1]["tokens"]}
     for q in fractions:
         target = pruned_top1 + q * removed
-        hit: dict[str, Any] = {"fraction": q, "target": target, "step": None, "tokens": None,
-                               "note": f"not reached within {n} steps (best recovered fraction {best:.3f})"}
+        hit: dict[str, Any] = {"fraction": q, "target": target, "step": None, "tokens": None, "censored": True,
+                               "bound": bound, "text": censored_text(bound), "recovered_final": recovered[-1],
+                               "note": f"not reached within {n} steps (recovered {recovered[-1]:.3f} by the end, "
+                                       f"at most {max(recovered):.3f})"}
         for i, y in enumerate(ys):
             if y < target:
                 continue
             if i == 0:
-                hit.update(step=curve[0]["step"], tokens=curve[0]["tokens"], note=None)
+                hit.update(step=curve[0]["step"], tokens=curve[0]["tokens"])
             else:
                 w = (target - ys[i - 1]) / (y - ys[i - 1])  # y > ys[i-1] since ys[i-1] < target <= y
                 a, b = curve[i - 1], curve[i]
                 hit.update(step=a["step"] + w * (b["step"] - a["step"]),
-                           tokens=a["tokens"] + w * (b["tokens"] - a["tokens"]), note=None)
+                           tokens=a["tokens"] + w * (b["tokens"] - a["tokens"]))
+            hit.update(censored=False, bound=None, text=f"{hit['step']:.0f} steps, {_k(hit['tokens'])} tokens",
+                       note=None)
             break
         out["thresholds"][f"{q:g}"] = hit
     return out
+
+
+def _nothing_removed(q: float, base_top1: float) -> dict[str, Any]:
+    return {"fraction": q, "target": base_top1, "step": 0, "tokens": 0, "censored": False, "bound": None,
+            "recovered_final": 1.0, "text": "0 steps (nothing removed)", "note": "nothing removed"}
+
+
+def _k(tokens: float) -> str:
+    return f"{tokens / 1000:.3g}k" if tokens >= 1000 else f"{tokens:.0f}"
+
+
+def censored_text(bound: dict[str, int]) -> str:
+    """A censored index as a reader writes it: "> 64 steps, 16.4k tokens"."""
+    return f"> {bound['steps']} steps, {_k(bound['tokens'])} tokens"
+
+
+def worst_case(curve: Curve, base_top1: float, pruned_top1: float, metric: str = "top1") -> dict[str, Any]:
+    """What a relearning attacker gets at best over the whole trajectory, not just at its end:
+    the highest forget `metric` and the lowest forget loss reached, with their steps, and
+    the largest recovered fraction (1 when pruning removed nothing)."""
+    _check_curve(curve)
+    best = max(curve, key=lambda r: (r["forget"][metric], -r["step"]))
+    lowest = min(curve, key=lambda r: (r["forget"]["loss"], r["step"]))
+    removed = base_top1 - pruned_top1
+    return {"max_forget_" + metric: best["forget"][metric], "max_forget_" + metric + "_step": best["step"],
+            "min_forget_loss": lowest["forget"]["loss"], "min_forget_loss_step": lowest["step"],
+            "max_recovered": max(_recovered(curve, base_top1, pruned_top1, metric)) if removed > 0 else 1.0}
 
 
 def match_random_step(selective_records: list[dict[str, Any]], random_records: list[dict[str, Any]],

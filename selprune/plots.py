@@ -138,3 +138,16 @@ def recovery_curves(arms: dict[str, dict[str, Any]], metric: str = "top1") -> pl
         sns.lineplot(d, x="step", y=metric, hue="arm", marker="o", ax=ax)
         ax.set(xscale="symlog", title=f"{side} {metric} while retraining on forget text", xlabel="retraining step")
     return fig
+
+
+@themed
+def recovery_side_by_side(results: dict[str, dict[str, Any]], metric: str = "top1") -> plt.Figure:
+    """Forget `metric` against retraining steps, per arm, one panel per relearning setting
+    (e.g. the default and a variant), on shared axes."""
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.8), sharey=True, squeeze=False)
+    for ax, (label, result) in zip(axes[0], results.items(), strict=True):
+        rows = [{"arm": arm, "step": r["step"], metric: r["forget"][metric]}
+                for arm, a in result["arms"].items() for r in a["curve"]]
+        sns.lineplot(pd.DataFrame(rows), x="step", y=metric, hue="arm", marker="o", ax=ax)
+        ax.set(xscale="symlog", title=f"forget {metric}: {label}", xlabel="retraining step")
+    return fig

@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
-import torch
-from transformers import PreTrainedTokenizerBase
 
 from selprune.errors import SelpruneError
 from selprune.models import hub_reachable
 from selprune.paths import data_dir
+from selprune.windows import adds_bos, token_windows, top_tokens  # noqa: F401 - part of this module's API since 0.1
 
 SPLITS = ("train", "test")
 
@@ -233,102 +230,3 @@ def _has_data_file(folder: Path) -> bool:
                 continue
         level = below
     return False
-
-
-# ------------------------------------------------------------------------- windows
-def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Whether the tokenizer puts BOS first by itself, i.e. the model expects one."""
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
-
-
-def _documents(texts: Iterable[str] | datasets.Dataset | datasets.IterableDataset, seed: int | None) -> Iterator[str]:
-    if isinstance(texts, datasets.Dataset):
-        if seed is not None:
-            texts = texts.shuffle(seed=seed)
-        for start in range(0, len(texts), 256):
-            yield from texts[start : start + 256]["text"]
-    elif isinstance(texts, datasets.IterableDataset):
-        if seed is not None:
-            texts = texts.shuffle(seed=seed, buffer_size=1000)
-        for row in texts:
-            yield row["text"]
-    else:
-        if isinstance(texts, str):
-            texts = [texts]
-        if seed is None:
-            yield from texts
-        else:  # plain iterables are shuffled by `seed` too, as the datasets are
-            docs = list(texts)
-            random.Random(seed).shuffle(docs)
-            yield from docs
-
-
-def token_windows(
-    texts: Iterable[str] | datasets.Dataset | datasets.IterableDataset,
-    tokenizer: PreTrainedTokenizerBase,
-    window: int = 256,
-    max_tokens: int | None = None,
-    seed: int | None = 0,
-    max_doc_tokens: int | None = None,
-    strict: bool = True,
-) -> torch.Tensor:
-    """Pack documents into a `[n_windows, window]` LongTensor of token ids.
-
-    The budget `max_tokens` counts every position of every window, so the result holds
-    `max_tokens // window` windows. Documents are shuffled by `seed` (None keeps their
-    order), each truncated to `max_doc_tokens` if given, and separated by EOS. If the
-    texts run out first, `strict` makes that an error naming the shortfall.
-    """
-    if window < 2:
-        raise SelpruneError(f"window must be at least 2 tokens, got {window}")
-    if max_tokens is not None and max_tokens < window:
-        raise SelpruneError(f"token budget {max_tokens} is smaller than one window ({window}); raise it")
-    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
-    sep = tokenizer.eos_token_id
-    body = window - len(bos)
-    want = None if max_tokens is None else max_tokens // window
-    rows: list[list[int]] = []
-    buf: list[int] = []
-    batch: list[str] = []
-
-    def flush(batch: list[str]) -> None:
-        enc = tokenizer(batch, add_special_tokens=False)["input_ids"]
-        for ids in enc:
-            if max_doc_tokens is not None:
-                ids = ids[:max_doc_tokens]
-            if not ids:
-                continue
-            buf.extend(ids)
-            if sep is not None:
-                buf.append(sep)
-        while len(buf) >= body and (want is None or len(rows) < want):
-            rows.append(bos + buf[:body])
-            del buf[:body]
-
-    for text in _documents(texts, seed):
-        if text:
-            batch.append(text)
-        if len(batch) == 32:
-            flush(batch)
-            batch = []
-            if want is not None and len(rows) >= want:
-                break
-    if batch and (want is None or len(rows) < want):
-        flush(batch)
-    if want is not None and len(rows) < want and strict:
-        raise SelpruneError(
-            f"the texts hold only {len(rows) * window} tokens in {len(rows)} windows of {window}, "
-            f"short of the budget of {max_tokens}; lower the token budget or use a larger dataset"
-        )
-    if not rows:
-        raise SelpruneError("the texts are empty: no window of tokens could be made; check the dataset")
-    return torch.tensor(rows, dtype=torch.long)  # [n_windows, window]
-
-
-def top_tokens(windows: torch.Tensor, k: int = 50) -> torch.Tensor:
-    """The `k` most frequent token ids in `windows` (ties broken by lower id): the "skip"
-    set whose targets the skip accuracies leave out."""
-    ids, counts = torch.unique(windows, return_counts=True)
-    order = sorted(range(len(ids)), key=lambda i: (-int(counts[i]), int(ids[i])))
-    return ids[order[:k]].sort().values

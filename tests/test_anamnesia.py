@@ -8,7 +8,15 @@ import math
 
 import pytest
 
-from selprune.anamnesia import anamnesia_index, log_schedule, match_random_step, record_at, recovery_auc
+from selprune.anamnesia import (
+    anamnesia_index,
+    censored_text,
+    log_schedule,
+    match_random_step,
+    record_at,
+    recovery_auc,
+    worst_case,
+)
 from selprune.errors import SelpruneError
 
 
@@ -56,8 +64,13 @@ def test_index_not_reached() -> None:
     curve = curve_from({0: 0.0, 1: 0.1, 2: 0.3, 4: 0.2})
     idx = anamnesia_index(curve, BASE, PRUNED)
     for q in ("0.5", "0.9"):
-        assert idx["thresholds"][q]["step"] is None and idx["thresholds"][q]["tokens"] is None
-        assert "not reached within 4 steps" in idx["thresholds"][q]["note"]
+        t = idx["thresholds"][q]
+        assert t["step"] is None and t["tokens"] is None and t["censored"] is True
+        assert "not reached within 4 steps" in t["note"]
+        # the honest bound: the index is above the whole budget, and how far it got
+        assert t["bound"] == {"steps": 4, "tokens": curve[-1]["tokens"]}
+        assert t["text"] == f"> 4 steps, {curve[-1]['tokens']} tokens"
+        assert t["recovered_final"] == pytest.approx(0.2)  # curve_from gives recovered fractions
 
 
 @pytest.mark.parametrize("pruned", [BASE, BASE + 0.1])
@@ -107,3 +120,26 @@ def test_record_at_finds_a_step_or_names_the_steps_there_are() -> None:
     assert record_at(recs, None) is recs[-1] and record_at(recs, 1) is recs[1]
     with pytest.raises(SelpruneError, match=r"pruning step 5 is not among the run's steps \[0, 1, 2\]"):
         record_at(recs, 5)
+
+
+def test_reached_index_is_not_censored_and_says_steps_and_tokens() -> None:
+    curve = curve_from({0: 0.0, 1: 0.1, 2: 0.3, 4: 0.9})
+    t = anamnesia_index(curve, BASE, PRUNED)["thresholds"]["0.5"]
+    assert t["censored"] is False and t["bound"] is None and t["text"].endswith(" tokens")
+    assert t["text"].split()[0] == f"{t['step']:.0f}"
+
+
+def test_censored_text_reads_thousands_of_tokens() -> None:
+    assert censored_text({"steps": 64, "tokens": 16384}) == "> 64 steps, 16.4k tokens"
+    assert censored_text({"steps": 2, "tokens": 512}) == "> 2 steps, 512 tokens"
+
+
+def test_worst_case_is_over_the_whole_trajectory() -> None:
+    curve = curve_from({0: 0.0, 1: 0.4, 2: 0.2, 4: 0.1})
+    for r, loss in zip(curve, (3.0, 2.9, 2.5, 2.7), strict=True):
+        r["forget"]["loss"] = loss
+    w = worst_case(curve, BASE, PRUNED)
+    assert w["max_forget_top1"] == curve[1]["forget"]["top1"] and w["max_forget_top1_step"] == 1
+    assert w["min_forget_loss"] == 2.5 and w["min_forget_loss_step"] == 2
+    assert w["max_recovered"] == pytest.approx(0.4)
+    assert worst_case(curve, PRUNED, PRUNED)["max_recovered"] == 1.0  # nothing removed

@@ -117,14 +117,20 @@ class Config:
     device: str = param("auto", "auto, cpu, cuda, cuda:N or mps", "setup")
     seed: int = param(0, "seed for the collection text's order and random choices (evaluation text is fixed)", "setup",
                       check=lambda v: None if 0 <= v < SEED_LIMIT else "is outside [0, 2^63); use e.g. 0, 1, 2")
-    retrain_steps: int = param(16, "fine-tuning steps on forget text for the anamnesia index", "relearn",
+    retrain_steps: int = param(32, "fine-tuning steps on forget text for the anamnesia index", "relearn",
                                check=at_least(1))
-    retrain_lr: float = param(1e-4, "fine-tuning learning rate (AdamW)", "relearn", check=positive("; e.g. 1e-5"))
+    retrain_lr: float = param(3e-5, "fine-tuning learning rate (AdamW)", "relearn", check=positive("; e.g. 1e-5"))
     retrain_batch: int = param(2, "windows per fine-tuning step", "relearn", check=at_least(1))
     retrain_window: int = param(128, "tokens per fine-tuning window (at most window)", "relearn",
                                 check=at_least(2, " (one input and one target token)"))
+    retrain_tokens: int = param(8192, "tokens of relearning text (windows of retrain_window); steps x batch x "
+                                "window beyond it repeat the text", "relearn", check=at_least(2))
     retrain_eval_tokens: int = param(512, "tokens per dataset for each evaluation while retraining", "relearn",
                                      check=at_least(1))
+    retrain_data: str = param("forget", "what the model relearns from: forget (forget-train text, starting with what "
+                              "pruning saw), forget-unseen (forget-train documents the collection never touched), or "
+                              "retain (ordinary fine-tuning on retain-train text)", "relearn",
+                              choices=lambda: list(_relearn_data()))
     retrain_mode: str = param("full", "full fine-tuning, or lora (low-rank adapters on every linear layer, merged "
                               "after training)", "relearn", choices=("full", "lora"))
     retrain_hold_pruned: bool = param(True, "keep pruned neurons at zero while retraining (false: free to regrow)",
@@ -157,6 +163,12 @@ ALIASES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "mode": ("prune_mode", lambda v: v),
     "per_layer": ("selection", lambda v: "per_layer" if v is True else "global" if v is False else v),
 }
+
+
+def _relearn_data() -> dict[str, Any]:
+    from selprune.experiment.relearning import RELEARN_DATA  # imported late: relearning imports this module
+
+    return RELEARN_DATA
 
 
 def choices_of(name: str) -> list[str] | None:

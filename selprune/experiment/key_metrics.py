@@ -40,10 +40,16 @@ def key_metrics(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         for side in ("forget", "retain"):
             put(f"{run}/final/{side}/top1", last[side]["top1"], "accuracy")
         put(f"{run}/forget_drop_at_retain_drop/0.10", r["forget_drop_at_retain_drop"]["0.10"], "derived")
-    anamnesia = results.get("anamnesia") or {}
-    for arm, a in sorted(anamnesia.get("arms", {}).items()):
-        put(f"anamnesia/{arm}/final/forget/top1", a["curve"][-1]["forget"]["top1"], "accuracy")
-        put(f"anamnesia/{arm}/recovery_auc", a["recovery_auc"], "derived")
+    experiments = {"anamnesia": results.get("anamnesia") or {}}
+    experiments.update({f"anamnesia[{k}]": v for k, v in (results.get("anamnesia_variants") or {}).items()})
+    for name, anamnesia in experiments.items():
+        for arm, a in sorted(anamnesia.get("arms", {}).items()):
+            put(f"{name}/{arm}/final/forget/top1", a["curve"][-1]["forget"]["top1"], "accuracy")
+            put(f"{name}/{arm}/best/forget/top1", a["worst_case"]["max_forget_top1"], "accuracy")
+            put(f"{name}/{arm}/recovery_auc", a["recovery_auc"], "derived")
+        if anamnesia.get("control"):  # the unpruned control's end: it must hold where it started
+            for side in ("forget", "retain"):
+                put(f"{name}/control/{side}_end", anamnesia["control"][f"{side}_end"], "accuracy")
     return out
 
 

@@ -96,11 +96,10 @@ def _held_params(model: nn.Module, masks: Masks, sites: NeuronSites, lora: bool)
 
 
 # ------------------------------------------------------------------------------ training
-def _train_windows(data: Data, cfg: Config) -> torch.Tensor:
-    """The forget-train windows, cropped to `retrain_window` tokens: `[n, retrain_window]`."""
-    w = data.forget_train
+def _train_windows(w: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """The training windows, cropped to `retrain_window` tokens: `[n, retrain_window]`."""
     if w.ndim != 2 or len(w) == 0:
-        raise SelpruneError(f"retraining needs forget-train windows [n, window]; got shape {tuple(w.shape)}")
+        raise SelpruneError(f"retraining needs training windows [n, window]; got shape {tuple(w.shape)}")
     if cfg.retrain_window > w.shape[1]:
         raise SelpruneError(f"retrain_window={cfg.retrain_window} is longer than the data's windows ({w.shape[1]}); "
                             "lower it or make longer windows")
@@ -153,8 +152,9 @@ def _evaluate_both(model: nn.Module, data: Data, cfg: Config, progress: bool) ->
 
 
 def retrain(model: nn.Module, masks: Masks | None, sites: NeuronSites | None, data: Data, cfg: Config,
-            progress: bool = True) -> Curve:
-    """Fine-tune `model` **in place** on `data.forget_train` with AdamW; evaluate forget and
+            progress: bool = True, train: torch.Tensor | None = None) -> Curve:
+    """Fine-tune `model` **in place** on `train` windows (default `data.forget_train`) with
+    AdamW; evaluate forget and
     retain (on `data.forget_test` / `data.retain_test`, with the skip sets) at
     `log_schedule(cfg.retrain_steps)`. Returns one record per evaluation:
     `{step, tokens, forget: {...}, retain: {...}, train_loss, seconds: {train, eval}}`.
@@ -171,7 +171,7 @@ def retrain(model: nn.Module, masks: Masks | None, sites: NeuronSites | None, da
     Each step runs in train mode (dropout on, if the model has any), each evaluation in
     eval mode; the model is left in eval mode. The caller's RNG state is left untouched.
     """
-    windows = _train_windows(data, cfg)  # [n, window]
+    windows = _train_windows(data.forget_train if train is None else train, cfg)  # [n, retrain_window]
     if masks is not None and sites is None:
         sites = find_sites(model)
     schedule = set(log_schedule(cfg.retrain_steps))

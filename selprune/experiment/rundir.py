@@ -66,6 +66,11 @@ def param_diff(have: dict[str, Any], want: dict[str, Any], ignore: Iterable[str]
             if k not in ignore and have.get(k) != want.get(k)}
 
 
+def slug(value: Any) -> str:
+    """A value as a file- or folder-name fragment: 0.005 -> '0.005', 'ff,random' -> 'ff_random'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(value)).strip("_") or "_"
+
+
 class RunDir:
     """One folder of results (a series' run directory, or one pruning run inside it)."""
 

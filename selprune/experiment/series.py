@@ -31,12 +31,12 @@ from selprune.data import Data
 from selprune.errors import SelpruneError
 from selprune.evaluate import evaluate_both
 from selprune.experiment import explorer, tables
-from selprune.experiment.config import DEFAULTS, FIELDS, Config, rename_aliases, resolve, validate
+from selprune.experiment.config import DEFAULTS, FIELDS, Config, rename_aliases, resolve, stage_of, validate
 from selprune.experiment.loop import data_for, run_pruning
 from selprune.experiment.progress import quiet_libraries
-from selprune.experiment.relearning import ANAMNESIA_SELECTIVE, anamnesia_from_runs
+from selprune.experiment.relearning import ANAMNESIA_SELECTIVE, ARMS, anamnesia_from_runs, relearn_windows
 from selprune.experiment.results import finished_runs, write_results
-from selprune.experiment.rundir import RunDir
+from selprune.experiment.rundir import RunDir, slug
 from selprune.experiment.runs import FLOOR, RUN_KINDS, run_kind, runs_of_notebook
 from selprune.models import check_window, load_model
 from selprune.prune import export_pruned
@@ -205,29 +205,47 @@ class Series:
                                       windows, self.cfg.importance, kind, layer, index, top, context)
 
     # ---------------------------------------------------------------- 06 anamnesia
-    def anamnesia(self) -> dict[str, Any]:
-        """06: retrain the selectively pruned model, a randomly pruned one with matched
-        retain damage, and the unpruned one; reused if already in the run directory."""
-        if self.rd.has("anamnesia.json"):
-            return self.rd.read_json("anamnesia.json")
-        validate(self.cfg, relearn=True)  # the retraining rules (selprune run checked them before 01)
+    def anamnesia(self, arms: tuple[str, ...] = ARMS, **variant: Any) -> dict[str, Any]:
+        """06: relearn the selectively pruned model, a randomly pruned one with matched
+        retain damage, and the unpruned control (or the `arms` named); reused if already
+        in the run directory. `variant`: relearning parameters other than the series'
+        (e.g. retrain_data="retain"), run the same way and stored apart
+        (`anamnesia__NAME.json`)."""
+        cfg, file = self._relearn_variant(variant, arms)
+        if self.rd.has(file):
+            return self.rd.read_json(file)
+        validate(cfg, relearn=True)  # the retraining rules (selprune run checked them before 01)
         selective = next((r for r in ANAMNESIA_SELECTIVE if self.records(r)), None)
         if selective is None:
             raise SelpruneError(f"anamnesia needs a selective pruning run ({', '.join(ANAMNESIA_SELECTIVE)}); run "
                                 "notebooks 03 and 04 first with one of them in `runs`")
         if not self.records(FLOOR):  # the control is needed even when `runs` left it out
-            if self.cfg.ff_frac <= 0:
+            if cfg.ff_frac <= 0:
                 raise SelpruneError("anamnesia's control is the random FF baseline, which needs ff_frac > 0")
             self.prune(FLOOR)
-        small = self.data.with_eval_windows(max(1, self.cfg.retrain_eval_tokens // self.cfg.window))
+        small = self.data.with_eval_windows(max(1, cfg.retrain_eval_tokens // cfg.window))
+        with quiet_libraries(not self.progress):
+            train = relearn_windows(cfg, self.tokenizer, self.data)
         t0 = time.perf_counter()
-        result = anamnesia_from_runs(self.model, small, self.cfg, self.run_dir / selective, self.run_dir / FLOOR,
-                                     progress=self.progress)
-        result["selective_run"] = selective
+        result = anamnesia_from_runs(self.model, small, cfg, self.run_dir / selective, self.run_dir / FLOOR, train,
+                                     progress=self.progress, arms=arms)
+        result.update(selective_run=selective, variant=variant, seconds=time.perf_counter() - t0)
         result["matching"].update(selective_run=selective, random_run=FLOOR)  # names, not paths
-        result["seconds"] = time.perf_counter() - t0
-        self.rd.write_json("anamnesia.json", result)
+        self.rd.write_json(file, result)
         self.write_results()
         return result
 
+    def _relearn_variant(self, variant: dict[str, Any], arms: tuple[str, ...]) -> tuple[Config, str]:
+        """The configuration of a relearning variant and the file it is stored in."""
+        other = sorted(k for k in variant if k not in FIELDS or stage_of(k) != "relearn")
+        if other:
+            raise SelpruneError(f"a relearning variant sets only relearning parameters; {other} are not (relearn "
+                                f"parameters: {', '.join(k for k in FIELDS if stage_of(k) == 'relearn')})")
+        parts = [f"{k}-{slug(v)}" for k, v in sorted(variant.items())]
+        parts += [] if tuple(arms) == ARMS else ["arms-" + "_".join(arms)]
+        if not parts:
+            return self.cfg, "anamnesia.json"
+        return resolve({**asdict(self.cfg), **variant}), "anamnesia__" + "__".join(parts) + ".json"
+
     anamnesia_table = staticmethod(tables.anamnesia_table)
+    control_line = staticmethod(tables.control_line)

@@ -43,7 +43,7 @@ import yaml
 
 from selprune.errors import SelpruneError
 from selprune.experiment.config import ALIASES, DEFAULTS, FIELDS, Config, rename_aliases, resolve
-from selprune.experiment.rundir import param_diff, read_json
+from selprune.experiment.rundir import param_diff, read_json, slug
 from selprune.experiment.runs import RUN_KINDS
 from selprune.experiment.series import RERUN_SAFE
 from selprune.selectivity import should_stop
@@ -179,7 +179,7 @@ def expand(spec: Any, source: str = "sweep file", out: str | Path | None = None,
         variants, itertools.product(*grid.values()), seeds if seeds is not None else [None]
     ):
         parts = [vname] if vname else []
-        parts += [f"{a}-{_slug(v)}" for a, v in zip(axes, combo, strict=True)]
+        parts += [f"{a}-{slug(v)}" for a, v in zip(axes, combo, strict=True)]
         parts += [f"seed-{seed}"] if seed is not None else []
         name = "__".join(parts) or "base"
         settings = {**overrides, **dict(zip(axes, combo, strict=True)), **({"seed": seed} if seed is not None else {})}
@@ -253,7 +253,7 @@ def _variants(raw: Any, source: str) -> list[tuple[str, dict[str, Any]]]:
         overrides = {k: val for k, val in v.items() if k != "name"}
         name = v.get("name")
         if name is None:
-            name = "__".join(f"{k}-{_slug(val)}" for k, val in overrides.items()) or "base"
+            name = "__".join(f"{k}-{slug(val)}" for k, val in overrides.items()) or "base"
         if not isinstance(name, str) or not _NAME.match(name):
             raise SelpruneError(f"{source}: variant {i} has name {name!r}; use letters, digits, '.', '_' and '-' "
                                 "(it names the point's folder)")
@@ -284,11 +284,6 @@ def _seeds(raw: Any, source: str) -> list[int] | None:
             or len(set(raw)) != len(raw)):
         raise SelpruneError(f"{source}: seeds is {raw!r}; give a list of distinct integers, e.g. seeds: [0, 1, 2]")
     return raw
-
-
-def _slug(value: Any) -> str:
-    """A value as a folder-name fragment: 0.005 -> '0.005', 'ff,random' -> 'ff_random'."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(value)).strip("_") or "_"
 
 
 def _check_point(given: dict[str, Any], preset: str | None, where: str) -> Config:

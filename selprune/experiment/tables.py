@@ -33,16 +33,28 @@ def results_table(runs: dict[str, list[dict[str, Any]]], dataset_names: dict[str
 
 
 def anamnesia_table(result: dict[str, Any]) -> pd.DataFrame:
-    """Per retraining arm: where it started, its damage, steps to each recovery fraction."""
+    """Per relearning arm: where it started, its damage, steps and tokens to each recovery
+    fraction (or the censored bound "> N steps, T tokens"), the fraction recovered at the
+    end, the worst case over the trajectory, and the recovery AUC."""
     rows = []
     for arm, a in result["arms"].items():
         row = {"arm": arm, "pruned step": a["pruned_step"], "forget top1 at start": a["curve"][0]["forget"]["top1"],
                "retain drop %": 100 * a["retain_drop"], "forget drop %": 100 * a["forget_drop"]}
-        for q, v in a["index"].items():  # whole steps (interpolated between evaluations), or not reached
-            row[f"steps to {float(q):.0%}"] = "not reached" if v["step"] is None else round(v["step"])
+        for q, v in a["index"].items():
+            row[f"to {float(q):.0%}"] = v["text"]
+        row["recovered at end"] = next(iter(a["index"].values()))["recovered_final"]
+        row["best forget top1"] = a["worst_case"]["max_forget_top1"]
         row["recovery AUC"] = a["recovery_auc"]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def control_line(result: dict[str, Any]) -> str:
+    """The control's start and end, and whether it held (relearning.control_check)."""
+    c = result["control"]
+    verdict = "holds" if c["holds"] else f"DRIFTS (beyond {c['tolerance']})"
+    return (f"unpruned control: forget top1 {c['forget_start']:.2f} -> {c['forget_end']:.2f}, "
+            f"retain top1 {c['retain_start']:.2f} -> {c['retain_end']:.2f}: {verdict}")
 
 
 def agreement(top: dict[str, torch.Tensor]) -> pd.DataFrame:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selprune.experiment.tables import TABLE_METRICS, agreement, anamnesia_table, results_table
+from selprune.experiment.tables import TABLE_METRICS, agreement, anamnesia_table, control_line, results_table
 
 
 def record(step: int, ff: float, attn: float, forget: dict[str, float], retain: dict[str, float]) -> dict:
@@ -55,17 +55,29 @@ def test_results_table_has_a_row_per_run_and_side(table):
 
 
 # --------------------------------------------------------------- anamnesia table
-def test_anamnesia_table_shows_whole_steps_and_not_reached():
+def test_anamnesia_table_shows_steps_and_tokens_or_the_censored_bound():
     def arm(step, top1, index):
         return {"pruned_step": step, "curve": [{"forget": {"top1": top1}}], "retain_drop": 0.1, "forget_drop": 0.8,
-                "index": {"0.5": {"step": index[0]}, "0.9": {"step": index[1]}}, "recovery_auc": 0.3}
+                "index": index, "recovery_auc": 0.3, "worst_case": {"max_forget_top1": top1 + 0.2}}
 
-    table = anamnesia_table({"arms": {"selective": arm(5, 0.1, (3.4, None)), "unpruned": arm(None, 0.5, (0, 0))}})
+    reached = {"step": 3.4, "text": "3 steps, 870 tokens", "recovered_final": 0.7}
+    bound = {"step": None, "text": "> 64 steps, 16.4k tokens", "recovered_final": 0.7}
+    nothing = {"step": 0, "text": "0 steps (nothing removed)", "recovered_final": 1.0}
+    table = anamnesia_table({"arms": {"selective": arm(5, 0.1, {"0.5": reached, "0.9": bound}),
+                                      "unpruned": arm(None, 0.5, {"0.5": nothing, "0.9": nothing})}})
     sel = table.set_index("arm").loc["selective"]
-    assert sel["steps to 50%"] == 3 and sel["steps to 90%"] == "not reached"
+    assert sel["to 50%"] == "3 steps, 870 tokens" and sel["to 90%"] == "> 64 steps, 16.4k tokens"
+    assert sel["recovered at end"] == 0.7 and sel["best forget top1"] == pytest.approx(0.3)
     assert sel["retain drop %"] == pytest.approx(10) and sel["forget top1 at start"] == 0.1
     assert sel["forget drop %"] == pytest.approx(80) and sel["recovery AUC"] == 0.3 and sel["pruned step"] == 5
     assert list(table["arm"]) == ["selective", "unpruned"]
+
+
+def test_control_line_says_whether_the_control_held():
+    ok = {"forget_start": 0.5, "forget_end": 0.51, "retain_start": 0.3, "retain_end": 0.3, "holds": True,
+          "tolerance": 0.02}
+    assert control_line({"control": ok}).endswith("holds") and "0.50 -> 0.51" in control_line({"control": ok})
+    assert "DRIFTS" in control_line({"control": {**ok, "holds": False}})
 
 
 # --------------------------------------------------------------------- agreement
