@@ -390,7 +390,8 @@ def test_prune_parameters_have_the_series_names_and_defaults() -> None:
     cfg = config_from({"per_layer": True, "mode": "one-shot", "retrain_steps": 3, "runs": "ff"}, "ff",
                       note=notes.append)
     assert (cfg.selection, cfg.prune_mode) == ("per_layer", "one-shot")
-    assert cfg.replace(selection="global", prune_mode="iterative", retrain_steps=16, runs=Config().runs) == Config()
+    assert cfg.replace(selection="global", prune_mode="iterative", retrain_steps=Config().retrain_steps,
+                       runs=Config().runs) == Config()
     assert len(notes) == 1 and "does not use retrain_steps, runs" in notes[0]
 
 

@@ -148,3 +148,25 @@ def loop_data(seed: int = 0) -> Data:
     d = Data(win(3, 64, seed), win(64, 128, seed + 1), win(3, 64, seed + 2), win(64, 128, seed + 3))
     d.skip = {"forget": torch.tensor([3, 4, 5]), "retain": torch.tensor([64, 65])}
     return d
+
+
+def pattern_data(window: int = 16, n: int = 8) -> Data:
+    """Forget: a repetitive sequence (period 7) that a tiny model learns in a few steps;
+    retain: random tokens. For retraining tests."""
+    from selprune.windows import top_tokens
+
+    g = torch.Generator().manual_seed(1)
+
+    def pattern(starts: torch.Tensor) -> torch.Tensor:
+        return (starts[:, None] + torch.arange(window)) % 7 + 1  # [n, window]
+
+    d = Data(pattern(torch.randint(0, 7, (n,), generator=g)), torch.randint(0, VOCAB, (n, window), generator=g),
+             pattern(torch.arange(4)), torch.randint(0, VOCAB, (4, window), generator=g))
+    d.skip = {"forget": top_tokens(d.forget_train, 3), "retain": top_tokens(d.retain_train, 3)}
+    return d
+
+
+def random_masks(sites, frac: float = 0.25, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A seeded random `frac` of FF and attention neurons, as bool masks."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.rand(sites.shape(k), generator=g) < frac for k in ("ff", "attn")}

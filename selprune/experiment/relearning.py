@@ -46,8 +46,9 @@ RELEARN_FIELDS = ("retrain_steps", "retrain_lr", "retrain_batch", "retrain_windo
 
 # ------------------------------------------------------------------ what it relearns from
 def _text_windows(cfg: Config, tokenizer: PreTrainedTokenizerBase, dataset: str, after: int = 0) -> torch.Tensor:
+    # a dataset with less train text than retrain_tokens gives what it has (the steps then cycle it)
     return token_windows(load_texts(dataset, "train"), tokenizer, cfg.retrain_window, cfg.retrain_tokens,
-                         seed=cfg.seed, after_windows=after)
+                         seed=cfg.seed, after_windows=after, strict=False)
 
 
 def _seen_forget(cfg: Config, tokenizer: PreTrainedTokenizerBase, data: Data) -> torch.Tensor:

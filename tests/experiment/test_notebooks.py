@@ -16,22 +16,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-import series_runs
 from series_runs import RUN, TINY, snapshot
 
 from selprune.errors import SelpruneError
 from selprune.experiment import cli
 from selprune.experiment.notebooks import NOTEBOOK_DIR, NOTEBOOKS, clean, kernel_manager_class, run_series
-
-
-@pytest.fixture(scope="module")
-def small_sets(tmp_path_factory) -> dict[str, Path]:
-    return series_runs.small_sets(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, shared_tiny_llama_dir) -> tuple[Path, float]:
-    return series_runs.uninterrupted(tmp_path_factory, shared_tiny_llama_dir)
 
 
 # ------------------------------------------------------------------ stored notebooks

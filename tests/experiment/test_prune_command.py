@@ -8,7 +8,6 @@ import json
 import random
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 import series_runs
@@ -101,14 +100,6 @@ def test_a_parameter_file_giving_one_key_twice_is_refused(tmp_path, capsys, no_m
 
 
 # ---------------------------------------------------------- papermill: kill, resume
-@pytest.fixture(scope="module")
-def small_sets(tmp_path_factory) -> dict[str, Path]:
-    return series_runs.small_sets(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, shared_tiny_llama_dir) -> tuple[Path, float]:
-    return series_runs.uninterrupted(tmp_path_factory, shared_tiny_llama_dir)
 
 
 def test_killed_run_resumes_to_the_same_results(tmp_path, shared_tiny_llama_dir, small_sets, uninterrupted):

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_model  # sets torch to one thread
+from tiny_models import pattern_data, random_masks, tiny_model  # sets torch to one thread
 
 from selprune.data import Data
 from selprune.errors import SelpruneError
@@ -26,7 +26,6 @@ from selprune.experiment.relearning import (
     replay_builder,
 )
 from selprune.prune import Pruner
-from selprune.texts import top_tokens
 
 WINDOW = 16
 
@@ -40,22 +39,7 @@ def config(**params) -> Config:
 
 
 def make_data(n: int = 8) -> Data:
-    """Forget: a repetitive sequence (period 7) that a tiny model learns in a few steps;
-    retain: random tokens."""
-    g = torch.Generator().manual_seed(1)
-
-    def pattern(starts: torch.Tensor) -> torch.Tensor:
-        return (starts[:, None] + torch.arange(WINDOW)) % 7 + 1  # [n, window]
-
-    d = Data(pattern(torch.randint(0, 7, (n,), generator=g)), torch.randint(0, VOCAB, (n, WINDOW), generator=g),
-             pattern(torch.arange(4)), torch.randint(0, VOCAB, (4, WINDOW), generator=g))
-    d.skip = {"forget": top_tokens(d.forget_train, 3), "retain": top_tokens(d.retain_train, 3)}
-    return d
-
-
-def random_masks(sites, frac: float, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.rand(sites.shape(k), generator=g) < frac for k in ("ff", "attn")}
+    return pattern_data(WINDOW, n)
 
 
 SELECTIVE = [{"step": s, "retain": {"top1": r}} for s, r in enumerate([0.5, 0.45])]  # 10% retain drop

@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_model  # sets torch to one thread
+from tiny_models import pattern_data, random_masks, tiny_model  # sets torch to one thread
 
 from selprune.data import Data
 from selprune.errors import SelpruneError
@@ -23,7 +23,6 @@ from selprune.experiment.config import Config, validate
 from selprune.experiment.retrain import retrain
 from selprune.prune import Pruner
 from selprune.sites import find_sites, weight_out_in
-from selprune.texts import top_tokens
 
 WINDOW = 16
 
@@ -36,26 +35,7 @@ def config(**retrain_params) -> Config:
 
 
 def make_data(n: int = 8) -> Data:
-    """Forget: a repetitive sequence (period 7) that a tiny model learns in a few steps;
-    retain: random tokens."""
-    g = torch.Generator().manual_seed(1)
-
-    def pattern(starts: torch.Tensor) -> torch.Tensor:
-        return (starts[:, None] + torch.arange(WINDOW)) % 7 + 1  # [n, window]
-
-    d = Data(
-        forget_train=pattern(torch.randint(0, 7, (n,), generator=g)),
-        retain_train=torch.randint(0, VOCAB, (n, WINDOW), generator=g),
-        forget_test=pattern(torch.arange(4)),
-        retain_test=torch.randint(0, VOCAB, (4, WINDOW), generator=g),
-    )
-    d.skip = {"forget": top_tokens(d.forget_train, 3), "retain": top_tokens(d.retain_train, 3)}
-    return d
-
-
-def random_masks(sites, frac: float = 0.25, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.rand(sites.shape(k), generator=g) < frac for k in ("ff", "attn")}
+    return pattern_data(WINDOW, n)
 
 
 def pruned_tiny(ablation_values: bool = True, arch: str = "llama") -> tuple[torch.nn.Module, Pruner]:
