@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import loop_data as make_data
-from tiny_models import random_windows, tiny_model  # noqa: E402
+from tiny_models import random_windows, small_datasets, tiny_model  # noqa: E402
 
 from selprune import distributed  # noqa: E402
 from selprune.errors import SelpruneError  # noqa: E402
@@ -237,14 +237,7 @@ def _prune_args(model_dir: Path, data: Path, run: str | None = "both") -> list[s
 @pytest.fixture
 def small_data(tmp_path: Path) -> Path:
     """Folders `code` and `prose`, each with train.jsonl and test.jsonl of 12 short documents."""
-    texts = {"code": "def f{i}(x):\n    return [y * {i} for y in range(x)]  # {split}\n",
-             "prose": "It is a truth universally acknowledged, said Mr {i}, in the {split} chapter.\n"}
-    for name, text in texts.items():
-        (tmp_path / "data" / name).mkdir(parents=True)
-        for split in ("train", "test"):
-            docs = [json.dumps({"text": text.format(i=i, split=split) * 3}) for i in range(12)]
-            (tmp_path / "data" / name / f"{split}.jsonl").write_text("\n".join(docs) + "\n")
-    return tmp_path / "data"
+    return small_datasets(tmp_path / "data")
 
 
 def _command(args: list[str]) -> Callable[[Path], dict[str, Any]]:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_models import small_datasets
 
 from selprune.experiment import cli
 from selprune.experiment.rundir import LOCK_FILE
@@ -66,14 +67,7 @@ def no_kernel(monkeypatch):
 @pytest.fixture
 def data(tmp_path) -> Path:
     """Small pre-split datasets `code` and `prose` (12 short documents per split)."""
-    texts = {"code": "def f{i}(x):\n    return [y * {i} for y in range(x)]  # {split}\n",
-             "prose": "It is a truth universally acknowledged, said Mr {i}, in the {split} chapter.\n"}
-    for name, text in texts.items():
-        (tmp_path / "data" / name).mkdir(parents=True)
-        for split in ("train", "test"):
-            docs = [json.dumps({"text": text.format(i=i, split=split) * 3}) for i in range(12)]
-            (tmp_path / "data" / name / f"{split}.jsonl").write_text("\n".join(docs) + "\n")
-    return tmp_path / "data"
+    return small_datasets(tmp_path / "data")
 
 
 def prune_argv(model: Path, data: Path, out: Path, **params: str) -> list[str]:

@@ -14,7 +14,9 @@ processes, torch's two-thread kernels spin and run tiny matmuls ~1000x slower.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -170,3 +172,16 @@ def random_masks(sites, frac: float = 0.25, seed: int = 0) -> dict[str, torch.Te
     """A seeded random `frac` of FF and attention neurons, as bool masks."""
     g = torch.Generator().manual_seed(seed)
     return {k: torch.rand(sites.shape(k), generator=g) < frac for k in ("ff", "attn")}
+
+
+def small_datasets(root: Path) -> Path:
+    """Local datasets `code` and `prose` under `root`, each a folder with train.jsonl and
+    test.jsonl of 12 short documents: enough for a pruning run of a tiny model."""
+    texts = {"code": "def f{i}(x):\n    return [y * {i} for y in range(x)]  # {split}\n",
+             "prose": "It is a truth universally acknowledged, said Mr {i}, in the {split} chapter.\n"}
+    for name, text in texts.items():
+        (root / name).mkdir(parents=True)
+        for split in ("train", "test"):
+            docs = [json.dumps({"text": text.format(i=i, split=split) * 3}) for i in range(12)]
+            (root / name / f"{split}.jsonl").write_text("\n".join(docs) + "\n")
+    return root
