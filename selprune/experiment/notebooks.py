@@ -92,9 +92,7 @@ def run_series(params: dict[str, Any], progress: bool = True, notebooks: tuple[s
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    p = kernel_params(params)
-    if "06_retraining_anamnesia.ipynb" in notebooks:  # its rules, before any kernel starts
-        resolve(p, relearn=True)
+    p = kernel_params(params, relearn="06_retraining_anamnesia.ipynb" in notebooks)  # 06's rules too, if it runs
     check_reachable(p)
     run_dir = Path(p["run_dir"])
     from selprune.experiment.series import Series
@@ -199,11 +197,11 @@ def _relay(sock: socket.socket, stop: threading.Event) -> None:
             print(line, file=sys.stderr, flush=True)
 
 
-def kernel_params(params: dict[str, Any]) -> dict[str, Any]:
-    """The parameters as the kernels get them (and params.json records them): resolved,
-    with `run_dir` and local model/dataset paths made absolute, since kernels run in
-    notebooks/ where relative paths would miss."""
-    p = asdict(resolve(params))
+def kernel_params(params: dict[str, Any], relearn: bool = False) -> dict[str, Any]:
+    """The parameters as the kernels get them (and params.json records them): resolved
+    (`relearn`: with the retraining rules), with `run_dir` and local model/dataset paths
+    made absolute, since kernels run in notebooks/ where relative paths would miss."""
+    p = asdict(resolve(params, relearn=relearn))
     p["run_dir"] = str(Path(p["run_dir"]).resolve())
     for name, registry in (("model", MODELS), ("forget", DATASETS), ("retain", DATASETS)):
         local = Path(p[name]).expanduser()

@@ -187,3 +187,20 @@ def test_run_series_with_progress_prints_a_line_per_pruning_step(tmp_path, tiny_
     assert lines == want and want
     stored = (run_dir / "notebooks" / "03_prune_ffn.ipynb").read_text()
     assert "step 1/" not in stored, "no step lines in the notebook"
+
+
+def test_retraining_rules_are_checked_before_any_kernel(tmp_path, monkeypatch):
+    """A series that runs notebook 06 refuses retrain_window > window before a kernel
+    starts; one that stops before 06 does not need it."""
+    import papermill
+
+    def started(*a, **k):
+        raise AssertionError("a kernel was started although the run should have been refused first")
+
+    monkeypatch.setattr(papermill, "execute_notebook", started)
+    params = {"window": 64, "collect_tokens": 256, "eval_tokens": 256, "run_dir": str(tmp_path / "run")}
+    with pytest.raises(SelpruneError, match=r"retrain_window=128 is longer than window \(64\); lower it"):
+        run_series(params, progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(AssertionError, match="a kernel was started"):
+        run_series(params, progress=False, notebooks=NOTEBOOKS[:1])
