@@ -19,7 +19,7 @@ from typing import Any
 
 from selprune.errors import SelpruneError
 from selprune.experiment.rundir import read_json
-from selprune.experiment.runs import RUN_KINDS
+from selprune.experiment.runs import FLOOR, RUN_KINDS
 from selprune.experiment.sweepfile import Sweep, run_finished
 from selprune.paths import atomic_write_bytes
 from selprune.selectivity import summarize
@@ -54,6 +54,24 @@ def run_row(records: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
+def relearn_row(result: dict[str, Any] | None, run: str) -> dict[str, Any]:
+    """The relearning columns of one pruning run's row (sweep files with `relearn`): the
+    arm it was relearned as (the series' selective run, or the floor as the random arm),
+    steps to 50% / 90% recovery or the censored bound, the fraction recovered by the
+    end, and whether the unpruned control held. Empty for runs no arm used."""
+    arm = None if result is None else {result["selective_run"]: "selective", FLOOR: "random"}.get(run)
+    if arm is None or arm not in result["arms"]:
+        return {}
+    a, control = result["arms"][arm], result.get("control") or {}
+    index = a["index"]
+    row = {f"relearn_{float(q) * 100:.0f}": v["text"] for q, v in index.items()}
+    row.update({f"relearn_{float(q) * 100:.0f}_steps": v["step"] for q, v in index.items()})
+    row.update(relearn_recovered_final=next(iter(index.values()))["recovered_final"],
+               relearn_best_forget_top1=a["worst_case"]["max_forget_top1"],
+               relearn_control_holds=control.get("holds"))
+    return row
+
+
 def leaderboard(sweep: Sweep) -> list[dict[str, Any]]:
     """One row per pruning run of every point, ranked (see `rank`)."""
     rows = []
@@ -77,6 +95,8 @@ def leaderboard(sweep: Sweep) -> list[dict[str, Any]]:
                     row["note"] = f"incomplete: {len(records) - 1} of {pt.params['steps']} steps"
             else:
                 row["status"] = "failed" if error else "not run"
+            if pt.relearn:
+                row.update(relearn_row((results or {}).get("anamnesia"), run))
             if error:
                 row["error"] = error
             rows.append(row)
@@ -121,9 +141,10 @@ def floor_headline(rows: list[dict[str, Any]]) -> float | None:
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
-    known = set(COLUMNS_FIRST) | set(COLUMNS_LAST)
+    relearn = [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith("relearn_")]
+    known = set(COLUMNS_FIRST) | set(COLUMNS_LAST) | set(relearn)
     varied = list(dict.fromkeys(k for r in rows for k in r if k not in known))
-    return COLUMNS_FIRST + varied + COLUMNS_LAST
+    return COLUMNS_FIRST + varied + COLUMNS_LAST[:-2] + relearn + COLUMNS_LAST[-2:]  # relearning before note, error
 
 
 def leaderboard_csv(rows: list[dict[str, Any]]) -> str:

@@ -19,6 +19,7 @@ The sweep file (YAML)::
       ff_frac: [0.01, 0.02]
     seeds: [0, 1, 2]             # optional; every point repeated with each seed
     keep_models: false           # optional; keep each point's pruned-model/ (~0.5 GB each)
+    relearn: false               # optional; also run the relearning protocol (notebook 06's arms) on every point
     preset: paper                # optional; a named budget under base (selprune.experiment.config.PRESETS)
 
 Variants suit one-factor-at-a-time designs (the paper's recipe, changed in one respect
@@ -48,7 +49,7 @@ from selprune.experiment.runs import RUN_KINDS
 from selprune.experiment.series import RERUN_SAFE
 from selprune.selectivity import should_stop
 
-TOP_KEYS = ("out", "base", "variants", "grid", "seeds", "keep_models", "preset")
+TOP_KEYS = ("out", "base", "variants", "grid", "seeds", "keep_models", "preset", "relearn")
 LEADERBOARD_FILE, FIGURES_DIR = "leaderboard.csv", "figures"  # what the sweep writes beside its points
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -60,6 +61,7 @@ class Point:
     name: str
     cfg: Config  # resolved, run_dir included
     settings: dict[str, Any]  # what the point sets beyond base (variant, grid values, seed)
+    relearn: bool = False  # the relearning protocol (notebook 06) runs after the pruning runs
 
     @property
     def params(self) -> dict[str, Any]:
@@ -75,7 +77,9 @@ class Point:
 
     @property
     def notebooks(self) -> tuple[str, ...]:
-        """The pruning notebooks this point's runs need, in series order."""
+        """The pruning notebooks this point's runs need, in series order (with `relearn`,
+        the relearning protocol runs after them in the sweep's process: notebook 06's
+        default arms, without its plots and variant)."""
         return tuple(sorted({RUN_KINDS[r].notebook for r in self.runs}))
 
     def results(self) -> dict[str, Any] | None:
@@ -90,10 +94,11 @@ class Point:
         return None if param_diff(have, kernel_params(self.params), RERUN_SAFE, DEFAULTS) else results
 
     def status(self) -> str:
-        """"done" (every run finished, same parameters), "partial" (its folder exists) or "new"."""
+        """"done" (every run finished, same parameters, and relearned if `relearn`),
+        "partial" (its folder exists) or "new"."""
         results = self.results()
         if results is not None and all(run_finished((results["runs"].get(r) or {}).get("records", []), self.cfg)
-                                       for r in self.runs):
+                                       for r in self.runs) and (not self.relearn or results.get("anamnesia")):
             return "done"
         return "partial" if self.run_dir.exists() else "new"
 
@@ -107,6 +112,7 @@ class Sweep:
     points: list[Point]
     varied: list[str]  # parameters whose value differs between points: the leaderboard's columns
     keep_models: bool = False
+    relearn: bool = False  # every point also runs the relearning protocol
     failed: dict[str, str] = field(default_factory=dict)  # point name -> error, filled by run_sweep
 
 
@@ -152,9 +158,10 @@ def expand(spec: Any, source: str = "sweep file", out: str | Path | None = None,
     variants = _variants(spec.get("variants"), source)
     grid = _grid(spec.get("grid"), source)
     seeds = _seeds(spec.get("seeds"), source)
-    keep = spec.get("keep_models", False)
-    if not isinstance(keep, bool):
-        raise SelpruneError(f"{source}: keep_models={keep!r}; write true or false")
+    keep, relearn = spec.get("keep_models", False), spec.get("relearn", False)
+    for key, value in (("keep_models", keep), ("relearn", relearn)):
+        if not isinstance(value, bool):
+            raise SelpruneError(f"{source}: {key}={value!r}; write true or false")
     out_spec = out if out is not None else spec.get("out")
     if out_spec is None:
         out_spec = Path("runs") / "sweeps" / (Path(source).stem if source.endswith((".yaml", ".yml")) else "sweep")
@@ -184,11 +191,11 @@ def expand(spec: Any, source: str = "sweep file", out: str | Path | None = None,
         name = "__".join(parts) or "base"
         settings = {**overrides, **dict(zip(axes, combo, strict=True)), **({"seed": seed} if seed is not None else {})}
         given = {**base, **settings, "run_dir": str(out_dir / name)}
-        points.append(Point(name, _check_point(given, preset, f"{source}: point {name!r}"), settings))
+        points.append(Point(name, _check_point(given, preset, relearn, f"{source}: point {name!r}"), settings, relearn))
 
     _check_out(out_dir, [pt.name for pt in points], source)
     varied = [k for k in FIELDS if k != "run_dir" and len({repr(p.params[k]) for p in points}) > 1]
-    return Sweep(source, out_dir, points, varied, keep)
+    return Sweep(source, out_dir, points, varied, keep, relearn)
 
 
 def _check_out(out: Path, names: list[str], source: str) -> None:
@@ -286,9 +293,10 @@ def _seeds(raw: Any, source: str) -> list[int] | None:
     return raw
 
 
-def _check_point(given: dict[str, Any], preset: str | None, where: str) -> Config:
-    """Resolve and check one point's parameters without loading anything heavy."""
+def _check_point(given: dict[str, Any], preset: str | None, relearn: bool, where: str) -> Config:
+    """Resolve and check one point's parameters without loading anything heavy (with
+    `relearn`, the retraining rules too)."""
     try:
-        return resolve(given, preset)
+        return resolve(given, preset, relearn=relearn)
     except SelpruneError as e:
         raise SelpruneError(f"{where}: {e}") from e

@@ -38,7 +38,8 @@ def anamnesia_table(result: dict[str, Any]) -> pd.DataFrame:
     end, the worst case over the trajectory, and the recovery AUC."""
     rows = []
     for arm, a in result["arms"].items():
-        row = {"arm": arm, "pruned step": a["pruned_step"], "forget top1 at start": a["curve"][0]["forget"]["top1"],
+        step = "-" if a["pruned_step"] is None else str(a["pruned_step"])  # the control prunes nothing (not NaN)
+        row = {"arm": arm, "pruned step": step, "forget top1 at start": a["curve"][0]["forget"]["top1"],
                "retain drop %": 100 * a["retain_drop"], "forget drop %": 100 * a["forget_drop"]}
         for q, v in a["index"].items():
             row[f"to {float(q):.0%}"] = v["text"]

@@ -12,7 +12,15 @@ import json
 
 import pytest
 
-from selprune.experiment.leaderboard import floor_headline, format_top, leaderboard, leaderboard_csv, rank, run_row
+from selprune.experiment.leaderboard import (
+    floor_headline,
+    format_top,
+    leaderboard,
+    leaderboard_csv,
+    rank,
+    relearn_row,
+    run_row,
+)
 from selprune.experiment.notebooks import kernel_params
 from selprune.experiment.sweepfile import expand
 
@@ -95,3 +103,24 @@ def test_a_run_stopped_by_the_forget_rule_is_done_not_incomplete(tmp_path):
     assert row["status"] == "done" and row["rank"] == 1 and "note" not in row
     [row] = leaderboard(_finished_point(tmp_path / "cut", records, steps=5))
     assert row["status"] == "incomplete" and row["rank"] is None and row["note"] == "incomplete: 1 of 5 steps"
+
+
+def _arm(step50, text50, recovered):
+    return {"index": {"0.5": {"step": step50, "text": text50, "recovered_final": recovered},
+                      "0.9": {"step": None, "text": "> 16 steps, 4.1k tokens", "recovered_final": recovered}},
+            "worst_case": {"max_forget_top1": 0.3}}
+
+
+def test_relearning_columns_go_to_the_runs_the_arms_came_from():
+    result = {"selective_run": "attn", "control": {"holds": True},
+              "arms": {"selective": _arm(None, "> 16 steps, 4.1k tokens", 0.2), "random": _arm(7.5, "7.5 steps", 1.0)}}
+    sel, floor = relearn_row(result, "attn"), relearn_row(result, "random")
+    assert sel == {"relearn_50": "> 16 steps, 4.1k tokens", "relearn_90": "> 16 steps, 4.1k tokens",
+                   "relearn_50_steps": None, "relearn_90_steps": None, "relearn_recovered_final": 0.2,
+                   "relearn_best_forget_top1": 0.3, "relearn_control_holds": True}
+    assert floor["relearn_50_steps"] == 7.5 and floor["relearn_recovered_final"] == 1.0
+    assert relearn_row(result, "ff") == {}, "a run no arm came from"
+    assert relearn_row(None, "attn") == {}, "not relearned (yet)"
+    header = leaderboard_csv([{"point": "p", "run": "attn", "note": "n", **sel}]).splitlines()[0].split(",")
+    assert header.index("relearn_50") < header.index("note"), "relearning columns sit before the notes"
+    assert "relearn_50" not in leaderboard_csv([{"point": "p", "run": "attn"}]), "no empty relearning columns"

@@ -60,6 +60,11 @@ def test_cost_estimate_counts_collections_only_where_the_loop_makes_them():
     assert sweep.estimate_seconds(mean) == pytest.approx(2 + over + 3 * (2 + 2) + 3 * (2 + 2))
     both = base.replace(runs="ff,attn")  # two notebooks
     assert sweep.estimate_seconds(both) == pytest.approx(2 + 2 * over + 2 * 3 * (2 + 2))
+    # relearning (in the sweep's process): per arm its fine-tuning steps and an evaluation at each log_schedule step
+    train = {"retrain_steps": 8, "retrain_batch": 2, "retrain_window": 32}  # 8 x 64 tokens
+    rel = base.replace(**train, retrain_eval_tokens=int(sweep.EVAL_TOKENS_PER_S) // 2)  # one evaluation = 1 s
+    per_arm = 8 * 64 / sweep.TRAIN_TOKENS_PER_S + 5  # evaluations at steps 0, 1, 2, 4, 8
+    assert sweep.estimate_seconds(rel, relearn=True) == pytest.approx(sweep.estimate_seconds(rel) + 3 * per_arm)
 
 
 # ---------------------------------------------------------------- the shipped sweeps
@@ -210,6 +215,24 @@ def test_a_changed_point_is_not_taken_as_finished(finished, tmp_path):
     sw = load_sweep(_write(f, spec))
     assert [p.status() for p in sw.points] == ["partial", "partial"]
     assert "partial recipe" in sweep.describe(sw)
+
+
+def test_a_relearning_sweep_puts_the_anamnesia_index_beside_its_runs(tmp_path, shared_tiny_llama_dir, small_sets):
+    spec = _spec(shared_tiny_llama_dir, small_sets, tmp_path / "out")
+    spec.update(relearn=True, variants=[{"name": "relearn", "runs": "ff,random", "retrain_steps": 2,
+                                         "retrain_eval_tokens": 64}])
+    sw = load_sweep(_write(tmp_path / "s.yaml", spec))
+    assert "+relearn" in sweep.describe(sw)
+    sweep.run_sweep(sw, progress=False, log=lambda msg: None)
+    assert not sw.failed, sw.failed
+    rows = {r["run"]: r for r in _csv(tmp_path / "out" / "leaderboard.csv")}
+    result = json.loads((tmp_path / "out" / "relearn" / "anamnesia.json").read_text())
+    for run, arm in (("ff", "selective"), ("random", "random")):
+        index = result["arms"][arm]["index"]
+        assert rows[run]["relearn_50"] == index["0.5"]["text"] and rows[run]["relearn_90"] == index["0.9"]["text"]
+        assert rows[run]["relearn_control_holds"] == str(result["control"]["holds"])
+    assert sw.points[0].status() == "done"
+    assert [p.name for p in (tmp_path / "out" / "relearn" / "notebooks").glob("*.ipynb")] == ["03_prune_ffn.ipynb"]
 
 
 def test_failing_point_is_recorded_and_the_exit_status_names_it(finished, tmp_path, small_sets, capsys):

@@ -48,6 +48,8 @@ def _records(retain: list[float], forget: list[float]) -> list[dict]:
     ("seeds: [0, 0]\n", "distinct integers"),
     ("seeds: 3\n", "distinct integers"),
     ("keep_models: maybe\n", "keep_models='maybe'; write true or false"),
+    ("relearn: 1\n", "relearn=1; write true or false"),
+    ("relearn: true\nbase: {window: 64, retrain_window: 128}\n", "retrain_window=128 is longer than window"),
     ("variants: [{name: a, importance: rms}]\ngrid: {importance: [abs, std]}\n",
      "variant 'a' sets importance, which grid"),
     ("variants: [{name: a, seed: 1}]\nseeds: [0, 1]\n", "variant 'a' sets seed, which seeds"),
@@ -198,3 +200,18 @@ def test_results_recorded_under_old_parameter_names_are_recognised(tmp_path):
     p["scoring"] = "rms"
     (pt.run_dir / "results.json").write_text(json.dumps(old))
     assert pt.results() is None and pt.status() == "partial"
+
+
+def test_a_relearning_sweep_point_is_done_only_once_relearned(tmp_path):
+    spec = {"base": {"runs": "ff,random", "steps": 1}, "relearn": True}
+    pt = expand(spec, "s.yaml", tmp_path).points[0]
+    assert pt.relearn and pt.notebooks == ("03_prune_ffn.ipynb",), "06's arms run in the sweep's process"
+    pt.run_dir.mkdir(parents=True)
+    results = _results(pt)
+    results["runs"]["random"] = results["runs"]["ff"]
+    (pt.run_dir / "results.json").write_text(json.dumps({**results, "anamnesia": None}))
+    assert pt.status() == "partial", "pruned but not relearned"
+    (pt.run_dir / "results.json").write_text(json.dumps({**results, "anamnesia": {"arms": {}}}))
+    assert pt.status() == "done"
+    plain = expand({**spec, "relearn": False}, "s.yaml", tmp_path).points[0]
+    assert plain.status() == "done"

@@ -69,8 +69,9 @@ def test_anamnesia_table_shows_steps_and_tokens_or_the_censored_bound():
     assert sel["to 50%"] == "3 steps, 870 tokens" and sel["to 90%"] == "> 64 steps, 16.4k tokens"
     assert sel["recovered at end"] == 0.7 and sel["best forget top1"] == pytest.approx(0.3)
     assert sel["retain drop %"] == pytest.approx(10) and sel["forget top1 at start"] == 0.1
-    assert sel["forget drop %"] == pytest.approx(80) and sel["recovery AUC"] == 0.3 and sel["pruned step"] == 5
+    assert sel["forget drop %"] == pytest.approx(80) and sel["recovery AUC"] == 0.3 and sel["pruned step"] == "5"
     assert list(table["arm"]) == ["selective", "unpruned"]
+    assert table.set_index("arm").loc["unpruned", "pruned step"] == "-", "the control prunes nothing: no NaN, no 5.0"
 
 
 def test_control_line_says_whether_the_control_held():
