@@ -35,6 +35,7 @@ STAGES = {
     "score": "importance and score of every neuron",
     "prune": "which neurons go, and when a run stops",
     "relearn": "retraining on forget text (anamnesia index, notebook 06)",
+    "unlearn": "the gradient unlearning baselines (GA, GradDiff, NPO, NPO+RT, RMU)",
     "series": "which pruning runs, and where they go",
 }
 Check = Callable[[Any], str | None]  # value -> what is wrong with it (None: fine)
@@ -91,7 +92,7 @@ class Config:
         check=within(0, 1, lo_open=True, hint="; it is an accuracy, e.g. 0.05, or None"))
     importance: str = param("abs", "importance function I(D, n) of a neuron on a dataset", "score",
                             choices=lambda: sorted(IMPORTANCE))
-    score: str = param("ratio", "score function: ratio = I(forget) / (I(retain) + eps), mean_diff = "
+    score: str = param("ratio", "score function: ratio, I(forget) / (I(retain) + eps); or mean_diff, "
                        "|mean(forget) - mean(retain)|", "score", choices=lambda: sorted(SCORES))
     eps_ff: float = param(DEFAULT_EPS["ff"], "eps of the ratio score for FF neurons", "score",
                           check=positive("; the reference value is 1e-3"))
@@ -137,6 +138,27 @@ class Config:
                                       "relearn")
     lora_r: int = param(8, "LoRA rank (retrain_mode lora)", "relearn", check=at_least(1))
     lora_alpha: float = param(16.0, "LoRA scaling alpha (retrain_mode lora)", "relearn", check=positive())
+    unlearn_steps: int = param(32, "optimizer steps of a gradient unlearning baseline", "unlearn", check=at_least(1))
+    unlearn_lr: float | None = param(
+        None, "a baseline's learning rate (AdamW); None: the method's default (selprune.unlearning.METHODS)",
+        "unlearn", check=lambda v: None if v is None else positive("; e.g. 1e-5, or None for the method's default")(v))
+    unlearn_batch: int = param(2, "forget windows (and as many retain windows) per baseline step", "unlearn",
+                               check=at_least(1))
+    unlearn_checkpoints: int = param(4, "evaluations of forget and retain during a baseline's training, evenly "
+                                     "spaced, the last at unlearn_steps", "unlearn", check=at_least(1))
+    retain_weight: float = param(1.0, "weight of the retain loss of graddiff and npo_rt", "unlearn",
+                                 check=within(0, math.inf, hi_open=True, hint="; use e.g. 1.0"))
+    npo_beta: float = param(0.1, "NPO's inverse temperature beta", "unlearn", check=positive("; the paper uses 0.1"))
+    rmu_layer: int | None = param(None, "RMU's layer (0-based block index); None: round(7/32 of the layers), the "
+                                  "paper's depth", "unlearn",
+                                  check=lambda v: None if v is None or v >= 0 else "is negative; use 0 or more, or None")
+    rmu_coeff: float | None = param(
+        None, "RMU's steering coefficient c; None: 2 x the mean forget-token norm at rmu_layer (measured)", "unlearn",
+        check=lambda v: None if v is None else positive("; or None for the measured default")(v))
+    rmu_alpha: float = param(100.0, "weight of RMU's retain activation loss", "unlearn",
+                             check=within(0, math.inf, hi_open=True, hint="; use e.g. 100"))
+    rmu_layers: int = param(3, "how many layers up to rmu_layer have their MLP output projection updated by RMU",
+                            "unlearn", check=at_least(1))
     runs: str = param("ff,random,attn,attn_heads", "pruning runs to do: " + ", ".join(RUN_KINDS), "series")
     run_dir: str = param("runs/default", "output folder", "series")
 

@@ -39,6 +39,16 @@ def test_parameters_cell_defines_every_parameter_at_its_default():
     assert namespace["run_dir"] == DEFAULTS["run_dir"]
 
 
+def test_papermill_reads_every_parameter_of_the_cell():
+    """papermill parses the cell to check the parameters it is given: a line it cannot
+    parse (an '=' in a help text did that) makes it warn "unknown parameter" on every run."""
+    from papermill.translators import PythonTranslator
+
+    parsed = PythonTranslator.inspect({"source": render.parameters_cell()})
+    assert [p.name for p in parsed] == list(FIELDS)
+    assert [p.help for p in parsed] == [help_of(name) for name in FIELDS]
+
+
 def test_parameters_cell_explains_each_parameter():
     lines = render.parameters_cell().splitlines()[1:]
     assert [line.split(" = ")[0] for line in lines] == list(FIELDS)
