@@ -4,6 +4,7 @@ Usage::
 
     .venv/bin/python benchmarks/bench.py [--tokens N] [--window W] [--batch-size B]
         [--dtype D] [--device DEV] [--repeats R] [--threads T] [--out FILE]
+        [--eval-memory-config gemma3-270m]
 
 Runs the embedded model (`smollm2-135m`) on the bundled data (forget = `code`,
 retain = `prose`), never touching the network, and prints ONE JSON object to stdout
@@ -15,13 +16,17 @@ retain = `prose`), never touching the network, and prints ONE JSON object to std
   bare, hooked, bare, hooked, ... `--repeats` times each; medians are reported, and
   `ratio` = hooked / bare throughput (1.0: the statistics cost nothing); `ratio_cpu` is
   the same from process CPU time, which other processes disturb less than wall-clock.
+  The full forward with logits runs over the same batches too (`full_tokens_per_s`), and
+  `ratio_full` = hooked / full-forward throughput: what collecting saves by skipping the head.
 - `evaluation`: tokens/s of `selprune.evaluate.evaluate` against the plain full-model
   forward with logits (`model(input_ids=...)`) over the same batches, interleaved the
-  same way; `ratio` = evaluate / bare throughput.
+  same way; `ratio` = evaluate / bare throughput. `*_extra_mb`: the peak anonymous RSS of
+  one bare forward batch and of one evaluate call over it, minus that before.
 - `pruning_step`: seconds of one full pruning step by phase (collect both datasets,
   score, prune, evaluate both), from one step of the pruning run `both` (FF and attention
   neurons, `ff_frac` = `attn_frac` = 0.02; `selprune.experiment.loop.run_pruning`) in a
-  temporary directory; the model is restored afterwards.
+  temporary directory; the model is restored afterwards. `peak_rss_mb` (and `peak_anon_mb`):
+  the process's peak RSS sampled during the step, `peak_over_load_mb` that minus the RSS after load.
 - `scaling`: `collect_stats` time at 1x, 2x and 4x the token budget on the forget
   set, and each time's ratio to 1x (expected ~2 and ~4: linear in tokens).
 - `memory`: resident set size (RSS) at start, right after the model loads, and after
@@ -37,6 +42,13 @@ retain = `prose`), never touching the network, and prints ONE JSON object to std
   to a few hundred MB (heap it keeps or returns late, in any one of the runs): compare
   the three, and trust a trend, not one number. Sampling can miss allocations that live
   under 2 ms; `ru_maxrss_mb` is the process's all-time peak RSS.
+- `eval_memory` (only with `--eval-memory-config NAME`): on a random-init model of
+  released dimensions (`gemma3-270m`: Gemma-3-270M's, 262k vocabulary; `gemma3-tiny` checks
+  that it runs), one batch of `--batch-size` random windows of `--window` tokens: the peak
+  anonymous RSS that a bare forward with logits adds over the loaded model, that which
+  `evaluate` adds, and `evaluate_over_bare` (issue #19: at most 0.25); then interleaved
+  throughput of the bare full forward, of `evaluate` (`ratio` = evaluate / bare, target
+  >= 0.95) and of the body alone (`body_over_full`).
 
 `--tokens` is the 1x budget per dataset (collection and evaluation), `--window` the
 tokens per window, `--batch-size` windows per forward pass, `--dtype` the model's dtype
@@ -80,6 +92,15 @@ from selprune.stats import collect_stats  # noqa: E402
 from selprune.texts import load_texts, token_windows, top_tokens  # noqa: E402
 
 MB = 1024 * 1024
+# Gemma 3 text configs for --eval-memory-config: released dimensions, random weights (no download)
+EVAL_CONFIGS: dict[str, dict[str, Any]] = {
+    "gemma3-270m": dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+                        num_key_value_heads=1, head_dim=256, vocab_size=262144, max_position_embeddings=32768,
+                        sliding_window=512, query_pre_attn_scalar=256),
+    "gemma3-tiny": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=1, head_dim=16, vocab_size=4096, max_position_embeddings=512,
+                        sliding_window=64, query_pre_attn_scalar=16),
+}
 
 
 # --------------------------------------------------------------------------- memory
@@ -224,6 +245,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--model", default="smollm2-135m", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help="also write the JSON to this file")
+    p.add_argument("--eval-memory-config", choices=sorted(EVAL_CONFIGS), default=None,
+                   help="also measure evaluation memory and speed on a random-init model of these dimensions")
     args = p.parse_args(argv)
     if args.tokens < args.window:
         p.error(f"--tokens {args.tokens} is below one window ({args.window})")
@@ -291,11 +314,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         peaks[mult] = peak
 
     log(f"collection throughput, {args.repeats} interleaved repeats")
-    collection = throughput(interleaved({"bare": bare_body, "hooked": collect}, args.repeats, device),
-                            tokens, "bare", "hooked")
+    times = interleaved({"bare": bare_body, "hooked": collect, "full": lambda: bare_full(budgets[1])}, args.repeats,
+                        device)
+    full = times.pop("full")
+    collection = throughput(times, tokens, "bare", "hooked")
+    collection["full_tokens_per_s"] = tokens / statistics.median(w for w, _ in full)
+    collection["ratio_full"] = collection["hooked_tokens_per_s"] / collection["full_tokens_per_s"]
+    collection["full_seconds"] = [w for w, _ in full]
+    log("evaluation memory, one batch")
+    eval_extra = {name: extra_anon(fn) for name, fn in
+                  (("bare", lambda: bare_full(test[: args.batch_size])),
+                   ("evaluate", lambda: evaluate(model, test[: args.batch_size], skip, args.batch_size, progress=False)))}
     log(f"evaluation throughput, {args.repeats} interleaved repeats")
     evaluation = throughput(interleaved({"bare": bare_full, "evaluate": evaluate_test}, args.repeats, device),
                             tokens, "bare", "evaluate")
+    evaluation.update(bare_extra_mb=eval_extra["bare"], evaluate_extra_mb=eval_extra["evaluate"])
 
     log("one pruning step")
     cfg = Config(model=args.model, forget=forget, retain=retain, ff_frac=0.02, attn_frac=0.02, steps=1,
@@ -305,7 +338,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     data = data_for(cfg, tok)
     prepare_s = time.perf_counter() - t0
-    with tempfile.TemporaryDirectory(prefix="selprune-bench-") as run_dir:
+    gc.collect()
+    _malloc_trim()
+    with tempfile.TemporaryDirectory(prefix="selprune-bench-") as run_dir, PeakMemory() as step_peak:
         t0 = time.perf_counter()
         records, pruner = run_pruning(cfg, "both", run_dir, model, tok, data=data, progress=False)
         step_total = time.perf_counter() - t0
@@ -318,7 +353,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "eval_unpruned": records[0]["seconds"]["eval"],  # step 0, outside the step
         "run_pruning_wall": step_total,
         "prepare_data": prepare_s,
+        "peak_rss_mb": step_peak.peak / MB,
+        "peak_anon_mb": step_peak.peak_anon / MB,
+        "peak_over_load_mb": (step_peak.peak - rss_load) / MB,
     }
+    eval_memory = run_eval_memory(args) if args.eval_memory_config else None
 
     extra = {m: (peaks[m].peak_anon - anon_warm) / MB for m in (1, 2, 4)}
     return {
@@ -359,8 +398,59 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "extra_ratio_4x_1x": extra[4] / extra[1] if extra[1] > 0 else None,
             "ru_maxrss_mb": _ru_maxrss() / MB,
         },
+        **({"eval_memory": eval_memory} if eval_memory else {}),
         "total_seconds": time.perf_counter() - t_start,
     }
+
+
+def extra_anon(fn: Callable[[], Any]) -> float:
+    """MB of anonymous RSS that one call of `fn` adds at its sampled peak over the RSS before it."""
+    gc.collect()
+    _malloc_trim()
+    before = memory()[1]
+    with PeakMemory() as peak:
+        fn()
+    return (peak.peak_anon - before) / MB
+
+
+def run_eval_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluation against a bare forward with logits on a random-init Gemma 3 of released
+    dimensions (issue #19): the memory each adds over the loaded model on one batch, then
+    throughput, interleaved; the body alone too (what collection runs)."""
+    name = args.eval_memory_config
+    log(f"eval memory: random-init {name}")
+    cfg = transformers.Gemma3TextConfig(**EVAL_CONFIGS[name])
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(cfg).to(args.device).eval()
+    device = next(model.parameters()).device
+    body = getattr(model, model.base_model_prefix)
+    windows = torch.randint(0, cfg.vocab_size, (args.batch_size, args.window), generator=torch.Generator().manual_seed(0))
+
+    def bare() -> None:
+        with torch.inference_mode():
+            _ = model(input_ids=windows.to(device), use_cache=False).logits
+
+    def body_only() -> None:
+        with torch.inference_mode():
+            body(input_ids=windows.to(device), use_cache=False)
+
+    def evaluate_batch() -> None:
+        evaluate(model, windows, None, args.batch_size, progress=False)
+
+    evaluate(model, windows[:1, :16], None, 1, progress=False)  # warm-up: first touch of the weights, lazy init
+    bare_mb, eval_mb = extra_anon(bare), extra_anon(evaluate_batch)
+    log(f"eval memory: throughput, {args.repeats} interleaved repeats")
+    times = interleaved({"bare": bare, "evaluate": evaluate_batch, "body": body_only}, args.repeats, device)
+    body_times = times.pop("body")
+    tokens = windows.numel()
+    result = {"config": name, "vocab_size": cfg.vocab_size, "d_model": cfg.hidden_size, "layers": cfg.num_hidden_layers,
+              "windows": args.batch_size, "window": args.window, "bare_extra_mb": bare_mb, "evaluate_extra_mb": eval_mb,
+              "evaluate_over_bare": eval_mb / bare_mb if bare_mb > 0 else None,
+              **throughput(times, tokens, "bare", "evaluate")}
+    result["body_tokens_per_s"] = tokens / statistics.median(w for w, _ in body_times)
+    result["body_over_full"] = result["body_tokens_per_s"] / result["bare_tokens_per_s"]
+    result["body_seconds"] = [w for w, _ in body_times]
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

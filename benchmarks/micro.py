@@ -10,7 +10,8 @@ Usage::
   256) and attention-like (2048 x 576), plain, with pruned neurons, and with a histogram.
 - `evaluate ...`: `selprune.evaluate.evaluate` on 2 batches of 8 x 256 tokens, per batch,
   with a fake model whose forward returns fixed logits (vocabulary 49152, as the
-  embedded model), so only the metric computation is timed, not the model.
+  embedded model), so only the metric computation is timed, not the model (a class that
+  `evaluate` does not know as head(body): it takes the full-forward path, one chunk per batch).
 
 Each line is the median of `--repeats` calls in milliseconds, the versions timed in
 alternation (old, new, old, new, ...). `--compare REF` also

@@ -10,12 +10,22 @@ windows and the counts and the loss sum are added over the ranks, so every rank 
 metrics of all the windows: the counts exactly those of one process, the loss up to the
 float64 order of adding batches.
 
+Memory: the full-vocabulary logits of a batch never exist at once. The transformer body
+runs once per batch, then the LM head (and, for Gemma 2/3, the final logit soft-capping)
+runs over chunks of rows (`_HEAD_BYTES` of float32 logits each), and every chunk is
+reduced to top-10 and the target's log-probability before the next is made. The logits
+are bit-identical to the full forward's (same head, same rows, each chunk a matmul of at
+least `_MIN_HEAD_ROWS` rows: MKL's small-row kernels round differently), so the metrics
+are those of `model(input_ids=...)`. Models whose logits are more than head(body) in a way
+not known here fall back to the full forward (`_body_and_head`).
+
 Definitions: docs/method.md, "Evaluation".
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -27,6 +37,20 @@ from selprune.models import float64_device, input_device
 
 METRICS = ("top1", "top10", "top1_skip", "top10_skip", "loss", "perplexity")
 _CHUNK_BYTES = 8 << 20  # on the CPU, float32 logits per chunk of rows (8 MiB: ~40 rows of a 49k vocabulary)
+_HEAD_BYTES = 256 << 20  # float32 logits per LM-head call (256 MiB: 256 rows of a 262k vocabulary)
+# The fewest rows in one LM-head call, unless the batch has fewer: on this MKL (2024.2, AVX-512)
+# a matmul of 1-3, 5-7 or 9-11 rows rounds differently from one of many rows (other kernels).
+_MIN_HEAD_ROWS = 16
+# CausalLM classes of transformers whose logits are exactly lm_head(body(ids).last_hidden_state),
+# then (True) final_logit_softcapping if the config sets it. Any other class, or a subclass that
+# overrides forward, takes the full forward: its head may do more (logit scaling, another head).
+_HEADS: dict[str, bool] = {
+    **dict.fromkeys(("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                     "GemmaForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM",
+                     "GPTJForCausalLM", "OPTForCausalLM"), False),
+    "Gemma2ForCausalLM": True,
+    "Gemma3ForCausalLM": True,
+}
 
 
 def evaluate(
@@ -59,12 +83,96 @@ def evaluate_both(model: nn.Module, data: Data, batch_size: int, progress: bool)
     }
 
 
-# long: the hot loop of every evaluation keeps its buffers and device-side accumulators in
-# locals, so no per-batch host sync or allocation hides behind a helper call
+def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None] | None:
+    """(body, LM head, soft-cap) when the model's logits are known to be
+    head(body(input_ids).last_hidden_state), soft-capped when the cap is not None; None when
+    they may be more than that: evaluation then runs the full forward, right by definition.
+
+    Known means one of `_HEADS`' classes of transformers, its forward not overridden, and
+    no torch hook on the model itself (which the body-then-head path would skip). Accelerate's
+    device hook (`_hf_hook`) only moves tensors, and the body's and head's own hooks still run."""
+    cls = next((c for c in type(model).__mro__ if c.__name__ in _HEADS and c.__module__.startswith("transformers.")),
+               None)
+    if cls is None or type(model).forward is not cls.forward or model._forward_hooks or model._forward_pre_hooks:
+        return None
+    if "forward" in vars(model) and not hasattr(model, "_hf_hook"):  # an instance-level forward: unknown
+        return None
+    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    head = model.get_output_embeddings()
+    if not isinstance(body, nn.Module) or body is model or type(head) is not nn.Linear:
+        return None
+    cap = getattr(model.config, "final_logit_softcapping", None) if _HEADS[cls.__name__] else None
+    return body, head, cap
+
+
+def _logit_chunks(model: nn.Module, ids: torch.Tensor,
+                  parts: tuple[nn.Module, nn.Module, float | None] | None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, logits `[rows, vocab]`) over the rows (b * pos + p) of the batch `ids`
+    `[batch, pos]`: chunks from the body's hidden states through the head when `parts` (of
+    `_body_and_head`) is given, else one chunk, the full forward's logits.
+
+    Chunks have `_HEAD_BYTES` of float32 logits but at least `_MIN_HEAD_ROWS` rows (a short
+    last one joins the one before), or the whole batch if it has fewer rows: then every
+    head call is a matmul of the same kind as the full forward's, and its logits the same bits."""
+    if parts is None:
+        logits = model(input_ids=ids, use_cache=False).logits  # [batch, pos, vocab]
+        yield 0, logits.reshape(-1, logits.shape[-1])  # a view
+        return
+    body, head, cap = parts
+    hidden = body(input_ids=ids, use_cache=False).last_hidden_state  # [batch, pos, d_model]
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # [batch * pos, d_model]
+    step = max(_MIN_HEAD_ROWS, _HEAD_BYTES // (4 * head.weight.shape[0]))
+    bounds = [*range(0, len(hidden), step), len(hidden)]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < _MIN_HEAD_ROWS:
+        del bounds[-2]
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        logits = head(hidden[lo:hi])  # [hi - lo, vocab]
+        if cap is not None:  # the model's own "/ cap, tanh, * cap", in place (the same bits, no copies)
+            logits = logits.div_(cap).tanh_().mul_(cap)
+        yield lo, logits
+        del logits  # before the next chunk is made: one chunk of logits at a time
+
+
+def _reduce_rows(logits: torch.Tensor, nxt: torch.Tensor, top10: torch.Tensor, logp: torch.Tensor,
+                 scratch: dict[str, torch.Tensor]) -> None:
+    """Write the top-k ids of every row of `logits` `[rows, vocab]` (any float dtype) into
+    `top10` `[rows, k]` and the log-probability of its target `nxt` `[rows, 1]` into `logp`
+    `[rows, 1]`.
+
+    Rows go through in chunks: on the CPU, of _CHUNK_BYTES of float32 logits, so that the
+    log-probabilities (and a float32 upcast of other dtypes) live in small buffers, reused
+    from `scratch` across calls, that stay in cache, instead of a fresh logits-sized tensor
+    per call (allocation, page faults); elsewhere, all rows at once."""
+    n, v = logits.shape
+    device = logits.device
+    rows = max(1, _CHUNK_BYTES // (4 * v)) if device.type == "cpu" else n
+
+    def buffer(name: str) -> torch.Tensor:  # float32 [rows, vocab]
+        buf = scratch.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != v or buf.device != device:
+            buf = scratch[name] = torch.empty(rows, v, dtype=torch.float32, device=device)
+        return buf
+
+    for r in range(0, n, rows):
+        chunk = logits[r : r + rows]
+        m = chunk.shape[0]
+        if chunk.dtype != torch.float32:
+            chunk = buffer("upcast")[:m].copy_(chunk)
+        # Top-10 by torch.topk (a partial selection, not a sort). Not replaced by counting
+        # the logits above the target's: on ties (frequent with bf16 logits) that counts a
+        # tied target as a hit where topk may leave it out, and the accuracies would change.
+        top10[r : r + m] = chunk.topk(top10.shape[1], dim=-1).indices
+        lsm = torch.log_softmax(chunk, -1, out=buffer("logp")[:m])
+        torch.gather(lsm, 1, nxt[r : r + m], out=logp[r : r + m])
+
+
+# long: the loop of every evaluation keeps its device-side accumulators in locals, so that
+# no per-batch host sync hides behind a helper call
 def _evaluate(model: nn.Module, windows: torch.Tensor, skip_ids: torch.Tensor | None, batch_size: int,
               progress: bool, desc: str) -> dict[str, float]:
     windows = distributed.shard(windows, batch_size)  # this rank's batches (all of them single-process)
     in_device = input_device(model)
+    parts = _body_and_head(model)  # None: the full forward
     skip_table = None  # [vocab] bool: is this token id a skip id (a lookup, faster than torch.isin)
     n = 0  # targets, counted on the host
     # Accumulators on the logits' device (a sharded model may put its LM head on another
@@ -72,47 +180,26 @@ def _evaluate(model: nn.Module, windows: torch.Tensor, skip_ids: torch.Tensor | 
     sums: torch.Tensor | None = None  # [5] int64: top1, top10, n_skip, top1_skip, top10_skip
     loss_sum: torch.Tensor | None = None  # [] float64, on float64_device of the logits' device
     scratch: dict[str, torch.Tensor] = {}  # float32 [rows, vocab] buffers, reused across chunks and batches
-
-    def buffer(name: str, rows: int, vocab: int, device: torch.device) -> torch.Tensor:
-        buf = scratch.get(name)
-        if buf is None or buf.shape[0] < rows or buf.shape[1] != vocab:
-            buf = scratch[name] = torch.empty(rows, vocab, dtype=torch.float32, device=device)
-        return buf[:rows]
-
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
         ids = windows[start : start + batch_size].to(in_device)  # [batch, pos]
-        logits = model(input_ids=ids, use_cache=False).logits  # [batch, pos, vocab]
-        device = logits.device
-        ids = ids.to(device)
+        b, p = ids.shape
+        top10 = logp = nxt = None
+        for lo, logits in _logit_chunks(model, ids, parts):  # [rows, vocab], rows lo.. of the batch's b * p
+            if top10 is None:  # the first chunk tells the logits' device and the vocabulary
+                device, v = logits.device, logits.shape[1]
+                ids = ids.to(device)
+                nxt = ids.roll(-1, dims=1).reshape(-1, 1)  # row i's target: ids[:, i + 1] (the last column wraps)
+                top10 = torch.empty(b * p, min(10, v), dtype=torch.long, device=device)
+                logp = torch.empty(b * p, 1, dtype=torch.float32, device=device)  # log-probability of the target
+            hi = lo + logits.shape[0]
+            _reduce_rows(logits, nxt[lo:hi], top10[lo:hi], logp[lo:hi], scratch)
+            del logits  # before the next chunk is made
         if sums is None:
             sums = torch.zeros(5, dtype=torch.int64, device=device)
             loss_sum = torch.zeros((), dtype=torch.float64, device=float64_device(device))
-        b, p, v = logits.shape
-        # Every row of the logits as they are (a view, no copy); the last position, which has
-        # no target, is dropped from the small per-row results.
-        flat = logits.reshape(b * p, v)
-        nxt = ids.roll(-1, dims=1).reshape(-1, 1)  # row i's target: ids[:, i + 1] (the last column wraps)
+        # The last position of each window, which has no target, is dropped from the small per-row results.
         target = ids[:, 1:]  # [batch, pos-1]
-        k = min(10, v)
-        top10 = torch.empty(b * p, k, dtype=torch.long, device=device)
-        logp = torch.empty(b * p, 1, dtype=torch.float32, device=device)  # log-probability of the target
-        # Rows go through in chunks: on the CPU, of _CHUNK_BYTES of float32 logits, so that the
-        # log-probabilities (and a float32 upcast of other dtypes) live in small buffers that
-        # stay in cache, instead of a fresh logits-sized tensor per batch (allocation, page
-        # faults); elsewhere, the whole batch at once.
-        rows = max(1, _CHUNK_BYTES // (4 * v)) if device.type == "cpu" else b * p
-        for r in range(0, b * p, rows):
-            chunk = flat[r : r + rows]
-            m = chunk.shape[0]
-            if chunk.dtype != torch.float32:
-                chunk = buffer("upcast", rows, v, device)[:m].copy_(chunk)
-            # Top-10 by torch.topk (a partial selection, not a sort). Not replaced by counting
-            # the logits above the target's: on ties (frequent with bf16 logits) that counts a
-            # tied target as a hit where topk may leave it out, and the accuracies would change.
-            top10[r : r + m] = chunk.topk(k, dim=-1).indices
-            lsm = torch.log_softmax(chunk, -1, out=buffer("logp", rows, v, device)[:m])
-            torch.gather(lsm, 1, nxt[r : r + m], out=logp[r : r + m])
-        top10 = top10.view(b, p, k)[:, :-1]  # [batch, pos-1, 10]
+        top10 = top10.view(b, p, -1)[:, :-1]  # [batch, pos-1, 10]
         hit1 = top10[..., 0] == target
         hit10 = (top10 == target[..., None]).any(-1)
         # cross-entropy = -log_softmax at the target; the copy is a no-op except on MPS

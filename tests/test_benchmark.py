@@ -31,7 +31,7 @@ def _positive(x: object) -> bool:
 
 def test_tiny_benchmark_prints_well_formed_json(tmp_path, real_cache) -> None:
     out = tmp_path / "bench.json"
-    proc = _run([*TINY, "--out", str(out)], real_cache)
+    proc = _run([*TINY, "--out", str(out), "--eval-memory-config", "gemma3-tiny"], real_cache)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout)  # stdout holds exactly one JSON object (progress goes to stderr)
     assert json.loads(out.read_text()) == result
@@ -50,11 +50,23 @@ def test_tiny_benchmark_prints_well_formed_json(tmp_path, real_cache) -> None:
             assert _positive(r[key]), (section, key, r[key])
         for key in ("bare_seconds", f"{other}_seconds", "bare_cpu_seconds", f"{other}_cpu_seconds"):
             assert len(r[key]) == 1 and all(_positive(t) for t in r[key]), (section, key)
+    assert _positive(result["collection"]["full_tokens_per_s"]) and _positive(result["collection"]["ratio_full"])
+    assert len(result["collection"]["full_seconds"]) == 1
+    for key in ("bare_extra_mb", "evaluate_extra_mb"):  # differences: may be <= 0
+        assert isinstance(result["evaluation"][key], int | float) and math.isfinite(result["evaluation"][key])
+
+    em = result["eval_memory"]  # --eval-memory-config: a random-init Gemma 3, one batch
+    assert (em["config"], em["vocab_size"], em["windows"], em["window"], em["tokens"]) == ("gemma3-tiny", 4096, 2, 64, 128)
+    for key in ("bare_tokens_per_s", "evaluate_tokens_per_s", "body_tokens_per_s", "ratio", "body_over_full"):
+        assert _positive(em[key]), (key, em[key])
+    for key in ("bare_extra_mb", "evaluate_extra_mb"):
+        assert isinstance(em[key], int | float) and math.isfinite(em[key])
 
     step = result["pruning_step"]
     for phase in ("collect", "score", "prune", "eval", "total", "eval_unpruned"):
         assert _positive(step[phase]), (phase, step[phase])
     assert step["total"] >= 0.999 * (step["collect"] + step["eval"])  # the sum of the phases (rounded)
+    assert _positive(step["peak_rss_mb"]) and _positive(step["peak_anon_mb"]) and step["peak_rss_mb"] >= step["peak_anon_mb"]
 
     scaling = result["scaling"]
     assert scaling["tokens"] == [256, 512, 1024]

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_models import random_windows, tiny_model  # noqa: E402
+from tiny_models import random_windows, tiny_gemma3_multimodal, tiny_model  # noqa: E402
 
+from selprune import evaluate as ev  # noqa: E402
 from selprune.evaluate import METRICS, evaluate  # noqa: E402
 
 
@@ -115,3 +117,100 @@ def test_vocabulary_smaller_than_ten() -> None:
     got = evaluate(model, w, progress=False)
     assert got["top10"] == 1.0  # every target is within the top 10 of 6 tokens
     assert got["top1"] == pytest.approx(direct_metrics(model, w, set())["top1"])
+
+
+# ------------------------------------------- body once, LM head over chunks of rows
+# (family, config overrides): a plain Linear head, GPT-2's tied head over Conv1D blocks, OPT's
+# final layer norm and project_out (in the body), Phi's head with a bias, Gemma 2/3's soft-capping
+HEAD_FAMILIES = [("llama", {}), ("gpt2", {}), ("opt", dict(word_embed_proj_dim=24)), ("phi", {}), ("gemma2", {}),
+                 ("gemma3", dict(final_logit_softcapping=3.0))]
+
+
+def _full_forward_metrics(model, windows, skip_ids, batch_size, monkeypatch) -> dict[str, float]:
+    """The metrics of the full forward `model(input_ids=...)`: the implementation before the
+    head was chunked, kept as the fallback."""
+    with monkeypatch.context() as m:
+        m.setattr(ev, "_body_and_head", lambda model: None)
+        return evaluate(model, windows, skip_ids, batch_size=batch_size, progress=False)
+
+
+def _head_inputs(model) -> tuple[list[tuple[int, ...]], object]:
+    shapes: list[tuple[int, ...]] = []
+    handle = model.get_output_embeddings().register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape)))
+    return shapes, handle
+
+
+@pytest.mark.parametrize(("family", "overrides"), HEAD_FAMILIES, ids=[f for f, _ in HEAD_FAMILIES])
+@pytest.mark.parametrize("head_rows", [None, 16, 21])  # None: the default (one chunk for these tiny batches)
+def test_chunked_head_metrics_bit_identical_to_full_forward(family, overrides, head_rows, monkeypatch) -> None:
+    vocab = 300
+    model = tiny_model(family, seed=2, vocab_size=vocab, **overrides)
+    assert ev._body_and_head(model) is not None  # the chunked path is taken
+    if head_rows:
+        monkeypatch.setattr(ev, "_HEAD_BYTES", 4 * vocab * head_rows)
+    windows = random_windows(7, 33, seed=5, vocab=vocab)
+    windows[:, 1::3] = windows[:, 0::3][:, : windows[:, 1::3].shape[1]]  # some repetition: top-1 hits
+    skip_ids = torch.tensor([3, 5, 7, 11, 13, 17, 19, 23, 250])
+    want = _full_forward_metrics(model, windows, skip_ids, 3, monkeypatch)
+    shapes, handle = _head_inputs(model)
+    got = evaluate(model, windows, skip_ids, batch_size=3, progress=False)
+    handle.remove()
+    assert got == want  # every metric, bit for bit
+    assert 0 < got["tokens_skip"] < got["tokens"] and got["top10"] > 0
+    rows = [s[0] for s in shapes]
+    assert all(len(s) == 2 for s in shapes) and sum(rows) == 7 * 33  # 2-D chunks of the batches' rows
+    # batches of 99, 99 and 33 rows; a last chunk under _MIN_HEAD_ROWS (16) joins the one before
+    per_batch = {None: [[99], [33]], 16: [[16] * 5 + [19], [16, 17]], 21: [[21, 21, 21, 36], [33]]}[head_rows]
+    assert rows == per_batch[0] * 2 + per_batch[1]
+
+
+@pytest.mark.parametrize(("family", "overrides"), HEAD_FAMILIES[:1] + HEAD_FAMILIES[-1:], ids=["llama", "gemma3"])
+def test_chunked_logits_equal_full_forward_logits(family, overrides, monkeypatch) -> None:
+    """The logits themselves, chunk by chunk, against the full forward's: torch.equal, not close."""
+    model = tiny_model(family, seed=4, vocab_size=200, **overrides)
+    monkeypatch.setattr(ev, "_HEAD_BYTES", 4 * 200 * 17)
+    ids = random_windows(4, 30, seed=1, vocab=200)
+    with torch.inference_mode():
+        full = model(input_ids=ids, use_cache=False).logits.reshape(4 * 30, 200)
+        chunks = [(lo, lg.clone()) for lo, lg in ev._logit_chunks(model, ids, ev._body_and_head(model))]
+    assert [len(lg) for _, lg in chunks] == [17] * 6 + [18]  # 120 rows: the one left over joins the last chunk
+    assert [lo for lo, _ in chunks] == list(range(0, 103, 17))
+    assert torch.equal(torch.cat([lg for _, lg in chunks]), full)
+    if overrides:
+        assert full.abs().max() <= 3.0  # soft-capped
+
+
+class _ScaledLlama(LlamaForCausalLM):
+    """A subclass whose forward does more than head(body): doubled logits."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+
+def test_unknown_heads_fall_back_to_the_full_forward() -> None:
+    """Where the logits may be more than head(body) (an overridden forward, a hook on the
+    model, another class), evaluation runs the full forward: lm_head sees whole 3-D batches,
+    and the metrics are those of the model's own logits."""
+    scaled = _ScaledLlama(tiny_model("llama", seed=3, vocab_size=40, std=0.5).config)
+    scaled.load_state_dict(tiny_model("llama", seed=3, vocab_size=40, std=0.5).state_dict())
+    scaled.eval()
+    hooked = tiny_model("llama", seed=3, vocab_size=40, std=0.5)
+    hooked.register_forward_hook(lambda m, a, out: setattr(out, "logits", out.logits * 2) or out)
+    plain = tiny_model("llama", seed=3, vocab_size=40, std=0.5)
+    w = random_windows(4, 12, seed=2, vocab=40)
+    for model in (scaled, hooked, tiny_gemma3_multimodal()):
+        assert ev._body_and_head(model) is None
+        shapes, handle = _head_inputs(model)
+        got = evaluate(model, w, batch_size=2, progress=False)
+        handle.remove()
+        assert [len(s) for s in shapes] == [3, 3]  # one full forward per batch
+        if model is not plain and model.config.model_type == "llama":
+            want = direct_metrics(model, w, set())
+            assert got["top1"] == pytest.approx(want["top1"], abs=1e-12)
+            assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+            # doubled logits: the same ranks but another loss than the plain model's
+            ref = evaluate(plain, w, batch_size=2, progress=False)
+            assert got["top10"] == ref["top10"] and got["loss"] != pytest.approx(ref["loss"], rel=1e-3)
+    assert ev._body_and_head(plain) is not None
