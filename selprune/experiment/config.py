@@ -138,7 +138,7 @@ class Config:
                                       "relearn")
     lora_r: int = param(8, "LoRA rank (retrain_mode lora)", "relearn", check=at_least(1))
     lora_alpha: float = param(16.0, "LoRA scaling alpha (retrain_mode lora)", "relearn", check=positive())
-    unlearn_steps: int = param(32, "optimizer steps of a gradient unlearning baseline", "unlearn", check=at_least(1))
+    unlearn_steps: int = param(16, "optimizer steps of a gradient unlearning baseline", "unlearn", check=at_least(1))
     unlearn_lr: float | None = param(
         None, "a baseline's learning rate (AdamW); None: the method's default (selprune.unlearning.METHODS)",
         "unlearn", check=lambda v: None if v is None else positive("; e.g. 1e-5, or None for the method's default")(v))
@@ -159,7 +159,8 @@ class Config:
                              check=within(0, math.inf, hi_open=True, hint="; use e.g. 100"))
     rmu_layers: int = param(3, "how many layers up to rmu_layer have their MLP output projection updated by RMU",
                             "unlearn", check=at_least(1))
-    runs: str = param("ff,random,attn,attn_heads", "pruning runs to do: " + ", ".join(RUN_KINDS), "series")
+    runs: str = param("ff,random,attn,attn_heads,both,ga,graddiff,npo,rmu", "runs to do: pruning runs and gradient "
+                      "unlearning baselines, among " + ", ".join(RUN_KINDS), "series")
     run_dir: str = param("runs/default", "output folder", "series")
 
     def replace(self, **changes: Any) -> Config:
