@@ -134,8 +134,11 @@ def recovery_curves(arms: dict[str, dict[str, Any]], metric: str = "top1") -> pl
             for arm, a in arms.items() for r in a["curve"] for side in ("forget", "retain")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, side in zip(axes, ("forget", "retain"), strict=True):
-        d = pd.DataFrame([r for r in rows if r["side"] == side])
-        sns.lineplot(d, x="step", y=metric, hue="arm", marker="o", ax=ax)
+        d = pd.DataFrame([r for r in rows if r["side"] == side], columns=["arm", "side", "step", metric])
+        if d.empty:  # nothing was relearned (e.g. a series without those runs): empty axes, not an error
+            ax.text(0.5, 0.5, "nothing relearned", ha="center", va="center", transform=ax.transAxes)
+        else:
+            sns.lineplot(d, x="step", y=metric, hue="arm", marker="o", ax=ax)
         ax.set(xscale="symlog", title=f"{side} {metric} while retraining on forget text", xlabel="retraining step")
     return fig
 

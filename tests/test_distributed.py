@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import loop_data as make_data
-from tiny_models import random_windows, small_datasets, tiny_model  # noqa: E402
+from tiny_models import random_windows, small_datasets, tiny_model, without_measured  # noqa: E402
 
 from selprune import distributed  # noqa: E402
 from selprune.errors import SelpruneError  # noqa: E402
@@ -180,13 +180,9 @@ def _prune_runs(out: Path) -> dict[str, Any]:
     return seen
 
 
-def _strip(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
-
-
 def _assert_records_match(got: list[dict], want: list[dict]) -> None:
     assert len(got) == len(want)
-    for g, w in zip(_strip(got), _strip(want), strict=True):
+    for g, w in zip(without_measured(got), without_measured(want), strict=True):
         assert {k: v for k, v in g.items() if k not in ("forget", "retain")} == \
             {k: v for k, v in w.items() if k not in ("forget", "retain")}
         for side in ("forget", "retain"):

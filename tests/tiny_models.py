@@ -185,3 +185,15 @@ def small_datasets(root: Path) -> Path:
             docs = [json.dumps({"text": text.format(i=i, split=split) * 3}) for i in range(12)]
             (root / name / f"{split}.jsonl").write_text("\n".join(docs) + "\n")
     return root
+
+
+def without_measured(records: list[dict]) -> list[dict]:
+    """Step records without what is measured, not computed (wall seconds, memory peaks):
+    the rest, the compute's token counts included, must repeat exactly."""
+    out = []
+    for r in records:
+        r = {k: v for k, v in r.items() if k != "seconds"}
+        if "compute" in r:
+            r["compute"] = {k: v for k, v in r["compute"].items() if k not in ("seconds", "peak_memory_mb")}
+        out.append(r)
+    return out

@@ -25,8 +25,9 @@ TOLERANCE = {"accuracy": 0.02, "derived": 0.05}  # absolute; see the module docs
 
 def key_metrics(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Name -> {"value", "kind"} for the figures a reader takes from the series:
-    base top-1 of both datasets, each pruning run's final top-1 of both and its forget
-    drop at 10% retain drop, and each anamnesia arm's final forget top-1 and recovery area.
+    base top-1 of both datasets, each run's final top-1 of both and its forget drop at
+    10% retain drop (and, relearned in 07, its final forget top-1 and recovery area), and
+    each anamnesia arm's final forget top-1 and recovery area.
     A value may be None (e.g. a run that never reached 10% retain drop); it must stay None."""
     out: dict[str, dict[str, Any]] = {}
 
@@ -40,6 +41,9 @@ def key_metrics(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         for side in ("forget", "retain"):
             put(f"{run}/final/{side}/top1", last[side]["top1"], "accuracy")
         put(f"{run}/forget_drop_at_retain_drop/0.10", r["forget_drop_at_retain_drop"]["0.10"], "derived")
+        if r.get("relearn"):  # notebook 07: the run's output relearned
+            put(f"{run}/relearn/final/forget/top1", r["relearn"]["curve"][-1]["forget"]["top1"], "accuracy")
+            put(f"{run}/relearn/recovery_auc", r["relearn"]["recovery_auc"], "derived")
     experiments = {"anamnesia": results.get("anamnesia") or {}}
     experiments.update({f"anamnesia[{k}]": v for k, v in (results.get("anamnesia_variants") or {}).items()})
     for name, anamnesia in experiments.items():

@@ -36,6 +36,7 @@ from selprune import distributed
 from selprune.data import Data, prepare_data
 from selprune.errors import SelpruneError
 from selprune.evaluate import evaluate_both
+from selprune.experiment.baselines import ComputeMeter, compute_record
 from selprune.experiment.config import Config, stage_of, validate
 from selprune.experiment.rundir import RunDir, Step
 from selprune.experiment.runs import RunKind, run_kind
@@ -115,8 +116,11 @@ def run_pruning(cfg: Config, run: str, run_dir: str | Path, model: nn.Module, to
     records, finished = distributed.on_main(open_run)
     data = data or data_for(cfg, tokenizer)
     fixed = None  # one-shot: the scores of the unpruned model, collected before any replay
+    first = ComputeMeter(next(model.parameters()).device)  # the one-shot collection: step 1's compute
     if cfg.prune_mode == "one-shot" and not kind.random:
-        fixed = _collect_and_score(cfg, model, sites, data, None, progress)[0]
+        with first.measure():
+            fixed = _collect_and_score(cfg, model, sites, data, None, progress)[0]
+        first.forward(_collected_tokens(data))
     for new, values in finished:  # replay the finished steps
         for k in KINDS:
             pruner.prune(k, new[k], values[k])
@@ -131,6 +135,7 @@ def run_pruning(cfg: Config, run: str, run_dir: str | Path, model: nn.Module, to
         if should_stop(records, cfg.max_retain_drop, cfg.stop_forget_top1):
             break
         record, new, values = _step(cfg, kind, step, model, sites, pruner, data, fixed, progress)
+        record["compute"] = _add_compute(records[-1].get("compute"), record.pop("meter"), first if step == 1 else None)
         records.append(record)
         distributed.on_main(functools.partial(save, step, new, values))
         announce_step(run, record, cfg.steps)
@@ -160,11 +165,14 @@ def _step(cfg: Config, kind: RunKind, step: int, model: nn.Module, sites: Neuron
           fixed: dict[str, torch.Tensor] | None, progress: bool):
     """One pruning step: (its record, the new masks, their ablation values)."""
     secs: dict[str, float] = {}
+    meter = ComputeMeter(next(model.parameters()).device)  # the method's own work: collection, scoring, pruning
     t = time.perf_counter()
     scores, retain_stats = fixed, None
     iterative = fixed is None and not kind.random
     if iterative or cfg.ablation != "zero":  # mean/peak constants always come from the model as it is now
-        fresh, retain_stats = _collect_and_score(cfg, model, sites, data, pruner.masks, progress, step)
+        with meter.measure():
+            fresh, retain_stats = _collect_and_score(cfg, model, sites, data, pruner.masks, progress, step)
+        meter.forward(_collected_tokens(data))
         scores = fresh if iterative else scores
     secs["collect"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -188,9 +196,30 @@ def _step(cfg: Config, kind: RunKind, step: int, model: nn.Module, sites: Neuron
     t = time.perf_counter()
     metrics = evaluate_both(model, data, cfg.batch_size, progress)
     secs["eval"] = time.perf_counter() - t
-    record = {"step": step, "fraction": {k: pruner.fraction(k) for k in KINDS},
+    meter.seconds = secs["collect"] + secs["score"] + secs["prune"]
+    record = {"meter": meter, "step": step, "fraction": {k: pruner.fraction(k) for k in KINDS},
               "pruned_per_layer": masks_summary(pruner.masks), **metrics, "seconds": secs}
     return record, new, values
+
+
+def _collected_tokens(data: Data) -> int:
+    """Tokens through one collection: every position of both datasets' collection windows
+    (the transformer body only, no LM head: counted as full-depth forward passes)."""
+    return data.forget_train.numel() + data.retain_train.numel()
+
+
+def _add_compute(before: dict[str, Any] | None, *meters: ComputeMeter | None) -> dict[str, Any]:
+    """The run's cumulative compute after a step: the previous record's plus the step's
+    meters (forward passes only: pruning never runs a backward pass)."""
+    before = before or compute_record(0, 0)
+    used = [m for m in meters if m is not None]
+    peaks = [p for p in [before["peak_memory_mb"], *(m.peak_bytes and m.peak_bytes / (1 << 20) for m in used)]
+             if p is not None]
+    tokens = before["forward_tokens"] + sum(m.forward_tokens for m in used)
+    out = compute_record(tokens, 0, before["forward_equiv_tokens"] + sum(m.forward_equiv for m in used), None,
+                         before["seconds"] + sum(m.seconds for m in used))
+    out["peak_memory_mb"] = round(max(peaks), 1) if peaks else None
+    return out
 
 
 def _collect_and_score(cfg: Config, model: nn.Module, sites: NeuronSites, data: Data,

@@ -39,6 +39,7 @@ NOTEBOOKS = (
     "04_prune_attention.ipynb",
     "05_evaluate.ipynb",
     "06_retraining_anamnesia.ipynb",
+    "07_compare_methods.ipynb",
 )
 STORED_RUN_DIR = REPO_ROOT / "runs" / "notebooks"  # the stored notebooks' run_dir
 STORED_RUN_PARAM = "../runs/notebooks"  # ... as their parameters cell writes it (relative to notebooks/)

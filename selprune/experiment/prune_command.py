@@ -43,8 +43,10 @@ def add_parser(sub: argparse._SubParsersAction, add_preset_option: Callable[[arg
     )
     add_param_options(p)
     add_preset_option(p)
-    p.add_argument("--run-kind", dest="run", default="ff", choices=list(RUN_KINDS),
-                   help="which pruning run (a name from the series' runs parameter; default ff; not --run, which torchrun would take for its own --run-path)")
+    p.add_argument("--run-kind", dest="run", default="ff", choices=[n for n, k in RUN_KINDS.items() if not k.method],
+                   help="which pruning run (a name from the series' runs parameter; default ff; not --run, which "
+                   "torchrun would take for its own --run-path); the gradient unlearning baselines run in notebook "
+                   "07 and in sweeps")
     p.add_argument("--out", required=True, help="run directory (resumed if it exists with the same parameters)")
     p.add_argument("--device", default=None,
                    help="same as -p device D; under torchrun, cuda means this process's GPU (LOCAL_RANK)")

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from selprune.experiment.compare import RELEARN_FILE, baseline_config
 from selprune.experiment.config import Config
 from selprune.experiment.loop import run_config
 from selprune.experiment.rundir import RunDir
@@ -25,15 +26,18 @@ from selprune.selectivity import summarize
 
 
 def split_timings(obj: Any, path: str = "") -> tuple[Any, dict[str, Any]]:
-    """Move every "seconds" entry out of a nested result, keyed by its path, so that
-    results.json is identical between runs with the same parameters and seed (wall-clock
-    times never are) while timings.json keeps them."""
+    """Move every "seconds" entry (and every peak memory) out of a nested result, keyed
+    by its path, so that results.json is identical between runs with the same parameters
+    and seed (wall-clock times and memory peaks never are) while timings.json keeps them."""
     timings: dict[str, Any] = {}
     if isinstance(obj, dict):
         out = {}
         for k, v in obj.items():
             if k == "seconds":
                 timings[path or "."] = v
+                continue
+            if k == "peak_memory_mb":
+                timings[f"{path}/{k}"] = v
                 continue
             out[k], sub = split_timings(v, f"{path}/{k}")
             timings.update(sub)
@@ -72,7 +76,8 @@ def finished_runs(run_dir: RunDir) -> dict[str, list[dict[str, Any]]]:
 
 def assemble(cfg: Config, run_dir: RunDir, model: torch.nn.Module) -> dict[str, Any]:
     """Results of whatever the run directory holds so far (before the timings are split off)."""
-    runs = {run: {"config": run_config(cfg, RUN_KINDS[run]), "records": records, **summarize(records)}
+    runs = {run: {"config": _config(cfg, run), "records": records, **summarize(records),
+                  "compute": records[-1].get("compute"), "relearn": _relearn(run_dir, run)}
             for run, records in finished_runs(run_dir).items()}
     return {
         # not run_dir: where the run lives is no result (identical runs in two folders agree)
@@ -85,6 +90,17 @@ def assemble(cfg: Config, run_dir: RunDir, model: torch.nn.Module) -> dict[str, 
         "anamnesia_variants": {f.stem.removeprefix("anamnesia__"): run_dir.read_json(f.name)
                                for f in sorted(run_dir.path.glob("anamnesia__*.json"))},
     }
+
+
+def _config(cfg: Config, run: str) -> dict[str, Any]:
+    kind = RUN_KINDS[run]
+    return baseline_config(cfg, kind) if kind.method else run_config(cfg, kind)
+
+
+def _relearn(run_dir: RunDir, run: str) -> dict[str, Any] | None:
+    """The run's relearning record (notebook 07), if it has one."""
+    rd = RunDir(run_dir.path / run)
+    return rd.read_json(RELEARN_FILE) if rd.has(RELEARN_FILE) else None
 
 
 def write_results(cfg: Config, run_dir: RunDir, model: torch.nn.Module) -> dict[str, Any]:

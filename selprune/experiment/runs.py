@@ -1,8 +1,11 @@
-"""The run kinds: which neurons a pruning run prunes, and how it chooses them.
+"""The run kinds: which neurons a pruning run prunes, and how it chooses them, or which
+gradient unlearning method a baseline run trains with.
 
 One registry that the loop, the series, the notebooks and the sweeps all read (the
 `runs` parameter names entries of it). A run kind is data: add one with
-`register_run_kind` and every consumer knows it.
+`register_run_kind` and every consumer knows it. Every kind's run leaves the same step
+records (forget and retain metrics from the unmodified model on), so frontiers, tables
+and leaderboards treat pruning runs and baselines alike.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ class RunKind:
     kind whose fraction pruned is its x-axis in figures and tables; `random`: scores are
     uniform noise (the floor a selective run must beat); `whole_heads`: attention heads
     are scored whole (by the `heads` reducer) instead of single neurons; `notebook`: the
-    notebook that does it; `exports`: its last step is saved as `pruned-model/`."""
+    notebook that does it; `exports`: its last step is saved as `pruned-model/`;
+    `method`: a gradient unlearning baseline (`selprune.unlearning.METHODS`) that
+    fine-tunes the model instead of pruning it (`kinds` is then empty)."""
 
     name: str
     kinds: tuple[str, ...]
@@ -28,10 +33,12 @@ class RunKind:
     random: bool = False
     whole_heads: bool = False
     exports: bool = False
+    method: str | None = None
 
     @property
     def axis(self) -> str:
-        return self.kinds[0]
+        """The neuron kind of its fraction pruned (a baseline prunes none: ff, at 0)."""
+        return self.kinds[0] if self.kinds else "ff"
 
 
 RUN_KINDS: dict[str, RunKind] = {}
@@ -50,9 +57,12 @@ for _kind in (
     RunKind("attn_heads", ("attn",), "04_prune_attention.ipynb", whole_heads=True),
     # FF and attention neurons together, ff_frac and attn_frac each step
     RunKind("both", ("ff", "attn"), "04_prune_attention.ipynb"),
+    # the gradient unlearning baselines (selprune.unlearning), side by side in notebook 07
+    *(RunKind(m, (), "07_compare_methods.ipynb", method=m) for m in ("ga", "graddiff", "npo", "npo_rt", "rmu")),
 ):
     register_run_kind(_kind)
 FLOOR = "random"  # the run every selective run is read against
+BASELINES = tuple(name for name, kind in RUN_KINDS.items() if kind.method)
 
 
 def parse_runs(text: str) -> list[str]:

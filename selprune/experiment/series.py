@@ -11,6 +11,8 @@ in `run_dir`, so each notebook runs alone once its predecessors have:
     ff/ random/ attn/ attn_heads/ both/ 03, 04: resumable pruning runs
     pruned-model/                03: the FF-pruned model, loadable by plain transformers
     anamnesia.json               06: retraining curves and the anamnesia index
+    ga/ graddiff/ npo/ npo_rt/ rmu/  07: gradient unlearning baselines (records, relearn.json)
+    <run>/relearn.json           07: the relearning record of that run's output
     figures/*.png                every figure
     results.json                 everything above, summarised (rewritten by each step)
     timings.json                 the wall-clock seconds of every phase, kept apart
@@ -31,13 +33,14 @@ from selprune.data import Data
 from selprune.errors import SelpruneError
 from selprune.evaluate import evaluate_both
 from selprune.experiment import explorer, tables
+from selprune.experiment.compare import RELEARN_FILE, After, relearn_after, relearn_pruned, run_baseline
 from selprune.experiment.config import DEFAULTS, FIELDS, Config, rename_aliases, resolve, stage_of, validate
 from selprune.experiment.loop import data_for, run_pruning
 from selprune.experiment.progress import quiet_libraries
 from selprune.experiment.relearning import ANAMNESIA_SELECTIVE, ARMS, anamnesia_from_runs, relearn_windows
 from selprune.experiment.results import finished_runs, write_results
 from selprune.experiment.rundir import RunDir, slug
-from selprune.experiment.runs import FLOOR, RUN_KINDS, run_kind, runs_of_notebook
+from selprune.experiment.runs import BASELINES, FLOOR, RUN_KINDS, run_kind, runs_of_notebook
 from selprune.models import check_window, load_model
 from selprune.prune import export_pruned
 from selprune.scoring import IMPORTANCE, score
@@ -48,6 +51,7 @@ from selprune.stats import ActivationStats, collect_stats
 
 RERUN_SAFE = ("run_dir", "runs", "batch_size", "device")  # may differ between calls on one run_dir
 SIDES = ("forget", "retain")
+COMPARED = ("ff", "both", FLOOR)  # the pruning runs notebook 07 puts beside the baselines
 
 
 def lock_series(cfg: Config) -> RunDir:
@@ -249,3 +253,57 @@ class Series:
 
     anamnesia_table = staticmethod(tables.anamnesia_table)
     control_line = staticmethod(tables.control_line)
+
+    # ------------------------------------------------------------ 07 compare methods
+    def unlearn(self, run: str) -> list[dict[str, Any]]:
+        """07: run (or reuse) the gradient unlearning baseline `run` (e.g. "npo") into its
+        folder, and relearn its output under the protocol of 06; the model is put back."""
+        records = run_baseline(self.cfg, run, self.run_dir / run, self.model, self.data, self.progress,
+                               after=self._relearn_after)
+        self.write_results()
+        return records
+
+    def compared(self) -> dict[str, list[dict[str, Any]]]:
+        """07: the step records of the runs notebook 07 compares, done so far: the pruning
+        runs of `COMPARED` (the floor among them) and every baseline (`BASELINES`)."""
+        return {run: records for run in (*COMPARED, *BASELINES) if (records := self.records(run))}
+
+    def relearned(self, run: str) -> dict[str, Any]:
+        """07: the relearning record of any run's output (`relearning.relearn`): a
+        baseline's from `unlearn`; a pruning run's last step relearned once (06's
+        selective arm when it is that run's last step: the same protocol on the same model)."""
+        rd = RunDir(self.run_dir / run)
+        arm = self._anamnesia_arm(run)
+        if arm is not None:
+            return arm
+        if not rd.has(RELEARN_FILE):
+            if run_kind(run).method:
+                self.unlearn(run)
+            elif not self.records(run):
+                raise SelpruneError(f"run {run!r} has not been done in {self.run_dir}; run notebook "
+                                    f"{RUN_KINDS[run].notebook} first")
+            else:
+                relearn_pruned(rd.path, self.model, self._relearn_after)
+                self.write_results()
+        return rd.read_json(RELEARN_FILE)
+
+    def _anamnesia_arm(self, run: str) -> dict[str, Any] | None:
+        """06's selective arm if it relearned `run` at its last step, else None."""
+        if not self.rd.has("anamnesia.json"):
+            return None
+        result = self.rd.read_json("anamnesia.json")
+        arm = result["arms"].get("selective")
+        last = len(self.records(run) or []) - 1
+        return arm if arm and result.get("selective_run") == run and arm["pruned_step"] == last else None
+
+    @cached_property
+    def _relearn_after(self) -> After:
+        """The relearning protocol of this series' parameters, on any model in place."""
+        validate(self.cfg, relearn=True)
+        small = self.data.with_eval_windows(max(1, self.cfg.retrain_eval_tokens // self.cfg.window))
+        with quiet_libraries(not self.progress):
+            train = relearn_windows(self.cfg, self.tokenizer, self.data)
+        reference = evaluate_both(self.model, small, self.cfg.batch_size, self.progress)
+        return relearn_after(self.cfg, small, train, reference, self.progress)
+
+    methods_table = staticmethod(tables.methods_table)

@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from selprune.errors import SelpruneError
+from selprune.experiment.compare import baseline_finished
 from selprune.experiment.config import ALIASES, DEFAULTS, FIELDS, Config, rename_aliases, resolve
 from selprune.experiment.rundir import param_diff, read_json, slug
 from selprune.experiment.runs import RUN_KINDS
@@ -117,9 +118,12 @@ class Sweep:
 
 
 def run_finished(records: list[dict[str, Any]], cfg: Config) -> bool:
-    """Whether a pruning run is over: all `steps` done, or stopped by the loop's stop rule."""
+    """Whether a run is over: a pruning run with all `steps` done or stopped by the loop's
+    stop rule; a baseline (its records have `train_step`) at `unlearn_steps`."""
     if not records:
         return False
+    if "train_step" in records[-1]:
+        return baseline_finished(records, cfg)
     return len(records) - 1 >= cfg.steps or should_stop(records, cfg.max_retain_drop, cfg.stop_forget_top1)
 
 

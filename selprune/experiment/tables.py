@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 
 from selprune.experiment.runs import RUN_KINDS
-from selprune.selectivity import record_drop
+from selprune.selectivity import record_drop, summarize
 
 TABLE_METRICS = ("top1", "top10", "top1_skip", "top10_skip", "loss")
 
@@ -63,3 +63,31 @@ def agreement(top: dict[str, torch.Tensor]) -> pd.DataFrame:
     names = list(top)
     rows = [[float((top[a] & top[b]).sum() / max(int((top[a] | top[b]).sum()), 1)) for b in names] for a in names]
     return pd.DataFrame(rows, index=names, columns=names)
+
+
+def methods_table(runs: dict[str, list[dict[str, Any]]], relearned: dict[str, dict[str, Any]] | None = None,
+                  ) -> pd.DataFrame:
+    """Per run (pruning or baseline): the headline (forget top-1 drop at 10% retain top-1
+    drop, or "-" when retain never fell that far), the drops at the end, the method's
+    compute (forward-equivalent tokens, backward tokens, seconds, peak memory; evaluations
+    not counted) and, given `relearned` (run -> relearning record), steps to 50% recovery
+    or the censored bound and the fraction recovered at the end."""
+    rows = []
+    for run, records in runs.items():
+        s, kind = summarize(records), RUN_KINDS[run]
+        head = s["forget_drop_at_retain_drop"]["0.10"]
+        compute = records[-1].get("compute") or {}
+        row = {"run": run, "kind": "floor" if kind.random else "baseline" if kind.method else "pruning",
+               "forget drop @10% retain %": "-" if head is None else round(100 * head, 1),
+               "forget drop % (end)": 100 * s["final_drop"]["forget"],
+               "retain drop % (end)": 100 * s["final_drop"]["retain"],
+               "fwd-equiv tokens": compute.get("forward_equiv_tokens"),
+               "backward tokens": compute.get("backward_tokens"),
+               "seconds": compute.get("seconds"), "peak MB": compute.get("peak_memory_mb")}
+        rel = (relearned or {}).get(run)
+        if relearned is not None:
+            idx = rel["index"]["0.5"] if rel else None
+            row["relearn to 50%"] = idx["text"] if idx else "-"
+            row["recovered at end"] = idx["recovered_final"] if idx else None
+        rows.append(row)
+    return pd.DataFrame(rows)

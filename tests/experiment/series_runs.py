@@ -23,7 +23,9 @@ import pytest
 TINY = {"collect_tokens": 256, "eval_tokens": 256, "window": 64, "steps": 2, "ff_frac": 0.05, "attn_frac": 0.05,
         "retrain_steps": 2, "retrain_batch": 2, "retrain_window": 32, "retrain_eval_tokens": 64, "dtype": "float32",
         "device": "cpu"}
-RUN = {**TINY, "steps": 3}
+RUN = {**TINY, "steps": 3, "runs": "ff,random,attn,attn_heads,both,ga", "unlearn_steps": 4, "unlearn_checkpoints": 2,
+       "unlearn_lr": 1e-3}  # one baseline: notebook 07 resumes and reproduces too
+PRUNING_RUNS = ("ff", "random", "attn", "attn_heads", "both")
 SELPRUNE = Path(sys.executable).parent / "selprune"  # the console script of the environment running the tests
 
 _CACHE: dict[str, object] = {}

@@ -146,9 +146,12 @@ def test_retraining_rules_apply_only_where_the_work_retrains(tmp_path):
 
 # ------------------------------------------------------- nothing to prune, per entry point
 def test_nothing_to_prune_in_a_series():
+    none = {"ff_frac": 0.0, "attn_frac": 0.0, "runs": "ff,random,attn,both"}
     with pytest.raises(SelpruneError, match=r"no pruning run has a fraction above 0.*set ff_frac or attn_frac above 0"):
-        resolve({"ff_frac": 0.0, "attn_frac": 0.0})
-    resolve({"ff_frac": 0.0, "attn_frac": 0.0}, require_runs=False)  # a command that prunes nothing asks for this
+        resolve(none)
+    resolve(none, require_runs=False)  # a command that prunes nothing asks for this
+    # the baselines prune nothing: with no fraction above 0 they are what is left to do
+    assert resolve({"ff_frac": 0.0, "attn_frac": 0.0}).active_runs() == ["ga", "graddiff", "npo", "rmu"]
 
 
 def test_series_needs_something_to_prune(tmp_path):

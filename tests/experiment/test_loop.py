@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_models import loop_data as make_data
-from tiny_models import tiny_model
+from tiny_models import tiny_model, without_measured
 
 from selprune.data import Data
 from selprune.errors import SelpruneError
@@ -34,10 +34,6 @@ CFG = Config(ff_frac=0.1, attn_frac=0.05, steps=3, window=16, collect_tokens=64,
 
 def run(cfg: Config, run_dir: Path, kind: str = "both", seed: int = 0, data: Data | None = None):
     return run_pruning(cfg, kind, run_dir, tiny_model("llama", seed=seed), None, data or make_data(), progress=False)
-
-
-def strip(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
 
 def step_masks(run_dir: Path, steps: int) -> list[dict[str, torch.Tensor]]:
@@ -188,8 +184,8 @@ def resumed(request, tmp_path_factory):
 def test_resume_equals_uninterrupted(resumed) -> None:
     cfg4, kind, rd, first, full_records, full_pruner, records, pruner = resumed
     assert len(first) == 3 and len(records) == 5
-    assert strip(records[:3]) == strip(first)
-    assert strip(records) == strip(full_records)
+    assert without_measured(records[:3]) == without_measured(first)
+    assert without_measured(records) == without_measured(full_records)
     assert json.loads((rd / "records.json").read_text()) == records
     for k in KINDS:
         assert torch.equal(pruner.masks[k], full_pruner.masks[k])
@@ -209,13 +205,13 @@ def test_resumed_whole_heads_stay_whole(resumed) -> None:
 def test_a_finished_run_rerun_adds_nothing(resumed) -> None:
     cfg4, kind, rd, _, full_records, _, _, _ = resumed
     again, _ = run(cfg4, rd, kind)
-    assert strip(again) == strip(full_records)
+    assert without_measured(again) == without_measured(full_records)
 
 
 def test_a_rerun_with_fewer_steps_gives_the_first_steps(resumed) -> None:
     cfg4, kind, rd, first, _, _, _, _ = resumed
     short, short_pruner = run(cfg4.replace(steps=2), rd, kind)
-    assert strip(short) == strip(first)
+    assert without_measured(short) == without_measured(first)
     steps = step_masks(rd, 2)
     for k in KINDS:  # the model pruned as of then
         assert torch.equal(short_pruner.masks[k], steps[0][k] | steps[1][k])
@@ -225,7 +221,7 @@ def test_a_rerun_with_fewer_steps_gives_the_first_steps(resumed) -> None:
 def test_a_rerun_with_other_speed_parameters_is_the_same_run(tmp_path):
     first, _ = run(CFG.replace(steps=1), tmp_path)
     again, _ = run(CFG.replace(steps=1, batch_size=2, device="cpu"), tmp_path)  # batch_size and device: speed only
-    assert strip(again) == strip(first)
+    assert without_measured(again) == without_measured(first)
 
 
 # ------------------------------------------------------------------ modes and kinds
@@ -301,7 +297,7 @@ def test_stop_at_the_retain_drop(unstopped, tmp_path) -> None:
     stop_at = next(i for i, d in enumerate(drops) if d > limit)
     recs, _ = run(cfg.replace(max_retain_drop=limit), tmp_path)
     assert len(recs) == stop_at + 1  # record stop_at is the first past the limit: no step after it
-    assert strip(recs) == strip(full[: len(recs)])
+    assert without_measured(recs) == without_measured(full[: len(recs)])
 
 
 def test_stop_before_step_one_when_forget_is_already_below(unstopped, tmp_path) -> None:
@@ -319,7 +315,7 @@ def test_stop_at_the_forget_accuracy(unstopped, tmp_path) -> None:
     i = next(j for j, f in enumerate(forget) if f < t)
     recs, _ = run(cfg.replace(stop_forget_top1=t), tmp_path)
     assert len(recs) == i + 1
-    assert strip(recs) == strip(full[: i + 1])
+    assert without_measured(recs) == without_measured(full[: i + 1])
 
 
 # ------------------------------------------------------------------- determinism
@@ -327,7 +323,7 @@ def test_repeat_is_bit_identical(tmp_path: Path) -> None:
     cfg = CFG.replace(ablation="mean")
     a, pa = run(cfg, tmp_path / "a")
     b, pb = run(cfg, tmp_path / "b")
-    assert strip(a) == strip(b)
+    assert without_measured(a) == without_measured(b)
     assert all(torch.equal(pa.masks[k], pb.masks[k]) for k in KINDS)
 
 

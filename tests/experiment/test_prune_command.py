@@ -120,7 +120,7 @@ def test_killed_run_resumes_to_the_same_results(tmp_path, shared_tiny_llama_dir,
             kill_everything(proc)
     at_kill = snapshot(run_dir)
     records_at_kill = {r: json.loads(at_kill[f"{r}/records.json"][1])
-                       for r in ("ff", "random", "attn", "attn_heads") if f"{r}/records.json" in at_kill}
+                       for r in series_runs.PRUNING_RUNS if f"{r}/records.json" in at_kill}
 
     series_runs.run(cmd, tmp_path / "resumed.txt")
     after = snapshot(run_dir)
@@ -137,7 +137,8 @@ def test_killed_run_resumes_to_the_same_results(tmp_path, shared_tiny_llama_dir,
     assert after["results.json"][1] == (ref_dir / "results.json").read_bytes(), where
 
     results = json.loads(after["results.json"][1])
-    assert set(results["runs"]) == {"ff", "random", "attn", "attn_heads"} and results["anamnesia"]
-    assert all(len(r["records"]) == RUN["steps"] + 1 for r in results["runs"].values())
+    assert set(results["runs"]) == {*series_runs.PRUNING_RUNS, "ga"} and results["anamnesia"]
+    assert all(len(results["runs"][r]["records"]) == RUN["steps"] + 1 for r in series_runs.PRUNING_RUNS)
+    assert len(results["runs"]["ga"]["records"]) == RUN["unlearn_checkpoints"] + 1 and results["runs"]["ga"]["relearn"]
     assert "seconds" not in after["results.json"][1].decode(), "wall-clock times belong in timings.json"
     assert json.loads(after["timings.json"][1]), "timings.json keeps them"

@@ -57,9 +57,10 @@ def test_runs_registry_names_a_kind_for_each_run():
     assert set(RUN_KINDS) >= {"ff", "random", "attn", "attn_heads", "both"}
     for name, kind in RUN_KINDS.items():
         assert kind.name == name
-        assert kind.kinds and set(kind.kinds) <= set(KINDS), name
+        assert set(kind.kinds) <= set(KINDS), name
+        assert bool(kind.kinds) != bool(kind.method), f"{name}: prunes neurons or trains a baseline, one of the two"
         assert len(set(kind.kinds)) == len(kind.kinds)
-        assert kind.axis == kind.kinds[0]
+        assert kind.axis == (kind.kinds[0] if kind.kinds else "ff")
         if kind.whole_heads:
             assert "attn" in kind.kinds, f"{name} scores whole heads but prunes no attention neurons"
 

@@ -154,6 +154,14 @@ def test_run_finished_means_all_steps_or_the_stop_rule():
     assert not run_finished([], cfg)
 
 
+def test_a_baseline_run_is_finished_at_unlearn_steps():
+    cfg = resolve({"unlearn_steps": 8, "runs": "ga"})
+    records = [{"step": k, "train_step": s, "forget": {"top1": 0.5}, "retain": {"top1": 0.5}}
+               for k, s in enumerate([0, 4, 8])]
+    assert run_finished(records, cfg) and not run_finished(records[:2], cfg)
+    assert not run_finished(records, cfg.replace(unlearn_steps=12)), "a longer run of the same method"
+
+
 def test_run_finished_counts_the_forget_stop_rule_too():
     """The loop also stops once forget top-1 falls below stop_forget_top1: such a run is
     over, not interrupted (a sweep would otherwise rerun it forever)."""

@@ -1,0 +1,111 @@
+"""Every method side by side (selprune/experiment/compare.py, notebook 07): baseline runs
+in their folders, the model put back afterwards, every method's output relearned under
+the one protocol, compute in every run's records, and one table for all.
+
+On a tiny random Llama and a few short documents, in-process (`Series`); one run
+directory per module, filled once (statistics, ff, random, one baseline)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from selprune.errors import SelpruneError
+from selprune.experiment.compare import RELEARN_FILE, restored, run_baseline
+from selprune.experiment.config import Config
+from selprune.experiment.runs import BASELINES, RUN_KINDS
+from selprune.experiment.series import Series
+from selprune.unlearning import METHODS
+
+TINY = {"collect_tokens": 256, "eval_tokens": 256, "window": 64, "steps": 2, "ff_frac": 0.05, "dtype": "float32",
+        "device": "cpu", "retrain_steps": 2, "retrain_batch": 2, "retrain_window": 32, "retrain_eval_tokens": 64,
+        "unlearn_steps": 4, "unlearn_checkpoints": 2, "unlearn_batch": 2, "unlearn_lr": 1e-3, "runs": "ff,random,ga"}
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory, shared_tiny_llama_dir) -> Series:
+    s = Series(progress=False, model=str(shared_tiny_llama_dir), run_dir=str(tmp_path_factory.mktemp("cmp") / "r"),
+               **TINY)
+    for run in ("ff", "random"):
+        s.prune(run)
+    return s
+
+
+def test_every_baseline_run_kind_names_a_registered_method():
+    assert set(BASELINES) == {n for n, k in RUN_KINDS.items() if k.method}
+    assert {RUN_KINDS[n].method for n in BASELINES} <= set(METHODS)
+    assert all(RUN_KINDS[n].notebook == "07_compare_methods.ipynb" and not RUN_KINDS[n].kinds for n in BASELINES)
+
+
+def test_a_baseline_run_leaves_records_and_its_relearning_and_puts_the_model_back(series):
+    before = _weights(series.model)
+    records = series.unlearn("ga")
+    assert all(torch.equal(before[k], v) for k, v in series.model.state_dict().items()), "the model is put back"
+    assert [r["train_step"] for r in records] == [0, 2, 4], "record 0, then 2 checkpoints over 4 steps"
+    assert records[-1]["forget"]["loss"] > records[0]["forget"]["loss"], "gradient ascent raised the forget loss"
+    assert records[-1]["compute"]["backward_tokens"] == 4 * 2 * 64, "4 steps x 2 windows x 64 tokens"
+    rel = json.loads((series.run_dir / "ga" / RELEARN_FILE).read_text())
+    assert [c["step"] for c in rel["curve"]] == [0, 1, 2] and set(rel["index"]) == {"0.5", "0.9"}
+    assert series.relearned("ga") == rel
+    results = json.loads((series.run_dir / "results.json").read_text())
+    assert results["runs"]["ga"]["config"]["method"] == "ga" and results["runs"]["ga"]["relearn"] is not None
+    assert "peak_memory_mb" not in json.dumps(results), "memory peaks vary: timings.json keeps them"
+
+
+def test_a_finished_baseline_is_read_back_not_trained_again(series, monkeypatch):
+    series.unlearn("ga")
+    import selprune.experiment.compare as compare
+
+    monkeypatch.setattr(compare, "unlearn", lambda *a, **k: pytest.fail("trained again"))
+    assert series.unlearn("ga") == series.records("ga")
+
+
+def test_a_baseline_folder_is_locked_to_its_parameters(series, tmp_path):
+    cfg = Config(**{**TINY, "run_dir": str(tmp_path)})
+    run_baseline(cfg, "ga", tmp_path / "ga", series.model, series.data, progress=False)
+    with pytest.raises(SelpruneError, match="other parameters.*unlearn_lr"):
+        run_baseline(cfg.replace(unlearn_lr=1e-4), "ga", tmp_path / "ga", series.model, series.data, progress=False)
+    with pytest.raises(SelpruneError, match="prunes neurons"):
+        run_baseline(cfg, "ff", tmp_path / "ff", series.model, series.data, progress=False)
+
+
+def test_pruning_runs_record_their_compute_step_by_step(series):
+    ff, rnd = series.records("ff"), series.records("random")
+    per_collection = series.data.forget_train.numel() + series.data.retain_train.numel()
+    assert [r["compute"]["forward_tokens"] for r in ff[1:]] == [per_collection, 2 * per_collection], "iterative"
+    assert all(r["compute"]["backward_tokens"] == 0 for r in ff[1:])
+    assert [r["compute"]["forward_tokens"] for r in rnd[1:]] == [0, 0], "random pruning collects nothing"
+
+
+def test_a_pruning_run_is_relearned_from_its_last_step_and_the_model_put_back(series):
+    before = _weights(series.model)
+    rel = series.relearned("ff")
+    assert all(torch.equal(before[k], v) for k, v in series.model.state_dict().items())
+    assert rel["pruned_fraction"]["ff"] == pytest.approx(series.records("ff")[-1]["fraction"]["ff"])
+    assert series.relearned("ff") == rel, "computed once"
+
+
+def test_the_methods_table_puts_pruning_and_baselines_in_one_frame(series):
+    series.unlearn("ga")
+    runs = series.compared()
+    assert list(runs) == ["ff", "random", "ga"]
+    table = series.methods_table(runs, {r: series.relearned(r) for r in runs if r != "random"}).set_index("run")
+    assert list(table["kind"]) == ["pruning", "floor", "baseline"]
+    assert table.loc["ga", "backward tokens"] == 4 * 2 * 64 and table.loc["ff", "backward tokens"] == 0
+    assert table.loc["random", "relearn to 50%"] == "-"
+    assert table.loc["ga", "relearn to 50%"] == series.relearned("ga")["index"]["0.5"]["text"]
+
+
+def test_restored_puts_weights_back_even_after_an_error(series):
+    before = _weights(series.model)
+    with pytest.raises(RuntimeError), restored(series.model):
+        with torch.no_grad():
+            next(series.model.parameters()).add_(1.0)
+        raise RuntimeError("boom")
+    assert all(torch.equal(before[k], v) for k, v in series.model.state_dict().items())
