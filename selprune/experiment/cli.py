@@ -60,6 +60,20 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", help="sweep folder (overrides the file's out:)")
     sw.add_argument("--dry-run", action="store_true", help="list the points, their status and cost; run nothing")
     sw.add_argument("--quiet", action="store_true", help="no progress bars or per-point lines")
+    par = sw.add_argument_group("parallel points", "points are independent: run several at once, in worker "
+                                "processes here or as submitit jobs (pip install 'selprune[cluster]')")
+    par.add_argument("--workers", type=int, help="points at once (default 1: one after another, in this process; "
+                     "with --launcher slurm: all at once, queued by SLURM); workers split this machine's cores")
+    par.add_argument("--launcher", choices=("local", "slurm"), help="one submitit job per point: slurm (sbatch, "
+                     "from the cluster's login node) or local (submitit's local processes); job files and logs in "
+                     "OUT/.submitit")
+    par.add_argument("--slurm-partition", help="SLURM partition (default: the cluster's)")
+    par.add_argument("--slurm-time", type=int, default=240, metavar="MIN",
+                     help="time limit per point's job, minutes (default 240; the local launcher's too)")
+    par.add_argument("--slurm-gpus", type=int, default=0, metavar="N",
+                     help="GPUs per job (default 0; the local launcher's too, which hides the GPUs from a job "
+                     "otherwise)")
+    par.add_argument("--slurm-cpus", type=int, metavar="N", help="CPUs per job (default: the cluster's)")
     prune_command.add_parser(sub, add_preset_option)
     return ap
 
@@ -78,7 +92,9 @@ def _sweep(args: argparse.Namespace) -> int:
         if args.dry_run:
             print(sweep.describe(sw))
             return 0
-        rows = sweep.run_sweep(sw, progress=not args.quiet, log=(lambda msg: None) if args.quiet else None)
+        slurm = sweep.SlurmOptions(args.slurm_partition, args.slurm_time, args.slurm_gpus, args.slurm_cpus)
+        rows = sweep.run_sweep(sw, progress=not args.quiet, log=(lambda msg: None) if args.quiet else None,
+                               workers=args.workers, launcher=args.launcher, slurm=slurm)
     except SelpruneError as e:
         return _fail(e)
     print(leaderboard.format_top(rows))

@@ -11,12 +11,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from selprune.errors import SelpruneError
 from selprune.experiment import cli, sweep
 from selprune.experiment.config import FIELDS, resolve
 from selprune.experiment.runs import RUN_KINDS
@@ -65,6 +69,12 @@ def test_cost_estimate_counts_collections_only_where_the_loop_makes_them():
     rel = base.replace(**train, retrain_eval_tokens=int(sweep.EVAL_TOKENS_PER_S) // 2)  # one evaluation = 1 s
     per_arm = 8 * 64 / sweep.TRAIN_TOKENS_PER_S + 5  # evaluations at steps 0, 1, 2, 4, 8
     assert sweep.estimate_seconds(rel, relearn=True) == pytest.approx(sweep.estimate_seconds(rel) + 3 * per_arm)
+    # a baseline: its training steps (graddiff: forget and retain windows), an evaluation per checkpoint, and
+    # (notebook 07) its output relearned once
+    for method, windows in (("ga", 2), ("graddiff", 4)):
+        cfg = rel.replace(runs=method, unlearn_steps=4, unlearn_batch=2, unlearn_checkpoints=2)
+        train = 4 * windows * 64 / sweep.TRAIN_TOKENS_PER_S
+        assert sweep.estimate_seconds(cfg) == pytest.approx(2 + over + train + 2 * 2 + per_arm), method
 
 
 # ---------------------------------------------------------------- the shipped sweeps
@@ -246,3 +256,101 @@ def test_failing_point_is_recorded_and_the_exit_status_names_it(finished, tmp_pa
     assert all(rows[k]["status"] == "done" and not rows[k]["error"] for k in rows if k[0] != "starved")
     assert (out / "starved" / "notebooks" / "FAILED-03_prune_ffn.ipynb").is_file()
     assert "failed" in cap.out, "the printed table shows the failed point too"
+
+
+# ------------------------------------------------------- points in parallel (#19)
+HEADLINE_COLUMNS = ("point", "run", "floor", "status", "rank", "steps", "forget_drop_at_05", "forget_drop_at_10",
+                    "forget_drop_at_20", "selectivity_area", "retain_drop_max", "forget_drop_final",
+                    "retain_drop_final", "ff_fraction", "attn_fraction", "note", "error")
+
+
+def _headlines(out: Path) -> dict[tuple[str, str], dict[str, str]]:
+    return {(r["point"], r["run"]): {k: r[k] for k in HEADLINE_COLUMNS} for r in _csv(out / "leaderboard.csv")}
+
+
+def test_two_workers_give_the_sequential_leaderboard(finished, tmp_path):
+    """The same two points over two worker processes: the same numbers as the sequential sweep
+    (the kernels run with fewer threads, so the float sums may group differently: compared to 1e-6)."""
+    spec = {**finished[1], "out": str(tmp_path / "out")}
+    log: list[str] = []
+    sw = load_sweep(_write(tmp_path / "s.yaml", spec))
+    sweep.run_sweep(sw, progress=False, log=log.append, workers=2)
+    assert not sw.failed, sw.failed
+    want, got = _headlines(finished[0]), _headlines(tmp_path / "out")
+    assert sorted(got) == sorted(want)
+    for key, row in want.items():
+        for col, value in row.items():
+            try:
+                assert float(got[key][col]) == pytest.approx(float(value), rel=1e-6, abs=1e-9), (key, col)
+            except ValueError:  # not a number: text, empty
+                assert got[key][col] == value, (key, col)
+    assert [line.split(":")[0] for line in log if "running" in line] == ["[1/2] recipe", "[2/2] std"]
+    assert sorted(line.split(":")[0] for line in log if ": done in" in line) == ["[1/2] recipe", "[2/2] std"]
+    for pt in sw.points:
+        assert pt.status() == "done" and not (pt.run_dir / "pruned-model").exists(), pt.name
+
+
+def test_a_parallel_rerun_submits_only_the_unfinished_points_and_records_a_failure(finished, tmp_path, small_sets,
+                                                                                  capsys, monkeypatch):
+    out, f = _copy(finished, tmp_path, extra=[{"name": "starved", "forget": str(small_sets["tiny"])}])
+    results = {p: (out / p / "results.json").stat().st_mtime_ns for p in ("recipe", "std")}
+    submitted: list[str] = []
+    submit = sweep._Pool.submit
+
+    def spy(self, pt, *args):
+        submitted.append(pt.name)
+        return submit(self, pt, *args)
+
+    monkeypatch.setattr(sweep._Pool, "submit", spy)
+    assert cli.main(["sweep", "-f", str(f), "--workers", "2"]) == 1
+    cap = capsys.readouterr()
+    assert submitted == ["starved"], "the finished points are skipped before submitting"
+    assert cap.err.count("finished earlier, skipped") == 2 and "[3/3] starved: FAILED (SelpruneError" in cap.err
+    assert "1 of 3 points failed: starved" in cap.err
+    assert {p: (out / p / "results.json").stat().st_mtime_ns for p in ("recipe", "std")} == results
+    rows = {(r["point"], r["run"]): r for r in _csv(out / "leaderboard.csv")}
+    bad = rows["starved", "ff"]
+    assert bad["status"] == "failed" and bad["rank"] == "" and "03_prune_ffn.ipynb" in bad["error"]
+    assert all(rows[k]["status"] == "done" and not rows[k]["error"] for k in rows if k[0] != "starved")
+    assert (out / "starved" / "notebooks" / "FAILED-03_prune_ffn.ipynb").is_file()
+
+
+def test_the_submitit_local_launcher_runs_a_point_as_a_job(finished, tmp_path):
+    pytest.importorskip("submitit")
+    out, f = _copy(finished, tmp_path, extra=[{"name": "rms", "importance": "rms"}])
+    log: list[str] = []
+    sw = load_sweep(f)
+    sweep.run_sweep(sw, progress=False, log=log.append, launcher="local", slurm=sweep.SlurmOptions(time_min=10))
+    assert not sw.failed, sw.failed
+    assert any(line.startswith("[3/3] rms: running ff (03_prune_ffn.ipynb) as job ") for line in log), log
+    rows = {(r["point"], r["run"]): r for r in _csv(out / "leaderboard.csv")}
+    assert rows["rms", "ff"]["status"] == "done" and rows["rms", "ff"]["importance"] == "rms"
+    results = json.loads((out / "rms" / "results.json").read_text())
+    assert int(rows["rms", "ff"]["steps"]) == len(results["runs"]["ff"]["records"]) - 1 == 2
+    assert list((out / sweep.SUBMITIT_DIR).glob("*_log.err")), "submitit's job logs are under the sweep's out"
+
+
+def test_parallel_options_are_checked_before_anything_runs(tmp_path, monkeypatch, shared_tiny_llama_dir, small_sets):
+    sw = load_sweep(_write(tmp_path / "s.yaml", _spec(shared_tiny_llama_dir, small_sets, tmp_path / "out")))
+    with pytest.raises(SelpruneError, match=r"workers=0 is below 1; pass --workers 1"):
+        sweep.run_sweep(sw, workers=0)
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
+    with pytest.raises(SelpruneError, match=r"needs submitit.*pip install submitit.*selprune\[cluster\]"):
+        sweep.run_sweep(sw, launcher="local")
+    monkeypatch.delitem(sys.modules, "submitit")
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch
+    with pytest.raises(SelpruneError, match=r"needs SLURM's sbatch.*--launcher local or --workers N"):
+        sweep.run_sweep(sw, launcher="slurm")
+    assert not (tmp_path / "out").exists(), "a refused sweep leaves no folder"
+
+
+def test_workers_split_the_cores_between_them(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    threads = torch.get_num_threads()
+    try:
+        assert [sweep.split_threads(n) for n in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+        assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "1" and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
