@@ -240,8 +240,8 @@ class UnlearnMethod:
 
 
 METHODS: dict[str, UnlearnMethod] = {m.name: m for m in (
-    UnlearnMethod("ga", ga_loss, False, False, 5e-5, "gradient ascent on forget text"),
-    UnlearnMethod("graddiff", graddiff_loss, True, False, 5e-5,
+    UnlearnMethod("ga", ga_loss, False, False, 1e-4, "gradient ascent on forget text"),
+    UnlearnMethod("graddiff", graddiff_loss, True, False, 1e-4,
                   "gradient ascent on forget plus retain_weight x the ordinary loss on retain"),
     UnlearnMethod("npo", npo_loss, False, True, 3e-4, "negative preference optimisation against the original model "
                   "(Zhang et al. 2024)", prepare=npo_prepare, prepare_passes=lambda hp: (True, False)),

@@ -138,7 +138,7 @@ class Config:
                                       "relearn")
     lora_r: int = param(8, "LoRA rank (retrain_mode lora)", "relearn", check=at_least(1))
     lora_alpha: float = param(16.0, "LoRA scaling alpha (retrain_mode lora)", "relearn", check=positive())
-    unlearn_steps: int = param(16, "optimizer steps of a gradient unlearning baseline", "unlearn", check=at_least(1))
+    unlearn_steps: int = param(8, "optimizer steps of a gradient unlearning baseline", "unlearn", check=at_least(1))
     unlearn_lr: float | None = param(
         None, "a baseline's learning rate (AdamW); None: the method's default (selprune.unlearning.METHODS)",
         "unlearn", check=lambda v: None if v is None else positive("; e.g. 1e-5, or None for the method's default")(v))
