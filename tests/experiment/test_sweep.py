@@ -99,6 +99,26 @@ def test_shipped_sweeps_cover_the_issue_grid_within_the_budget(tmp_path):
     assert "selprune sweep" in (REPO_ROOT / "README.md").read_text()
 
 
+def test_shipped_methods_sweep_tunes_every_baseline_beside_the_best_pruning_recipe(tmp_path):
+    sw = load_sweep(REPO_ROOT / "sweeps" / "methods.yaml", out=tmp_path)
+    lrs: dict[str, set] = {}
+    for p in sw.points:
+        for run in p.runs:
+            lrs.setdefault(run, set()).add(p.params["unlearn_lr"])
+    assert {"ga", "graddiff", "npo", "rmu"} <= set(lrs) and all(len(lrs[m]) >= 3 for m in ("ga", "npo", "rmu"))
+    assert {"ff", "both", "random"} <= set(lrs), "pruning recipes and the floor on the same leaderboard"
+    assert {p.params["seed"] for p in sw.points} == {0, 1, 2}
+    assert len({(p.params["eval_tokens"], p.params["window"]) for p in sw.points}) == 1, "one evaluation set for all"
+
+
+def test_shipped_relearning_sweep_relearns_every_point_at_a_bigger_budget(tmp_path):
+    sw = load_sweep(REPO_ROOT / "sweeps" / "relearning.yaml", out=tmp_path)
+    assert sw.relearn and all(p.relearn for p in sw.points)
+    assert all(p.params["retrain_steps"] > resolve({}).retrain_steps for p in sw.points)
+    varied = {(p.params["retrain_data"], p.params["retrain_mode"], p.params["retrain_hold_pruned"]) for p in sw.points}
+    assert len(varied) == len(sw.points), "each point one variant of the protocol"
+
+
 def test_shipped_sweeps_use_the_current_parameter_names(tmp_path, capsys):
     """Every shipped sweep file loads without a note about an old name (scoring, mode, per_layer)."""
     files = sorted((REPO_ROOT / "sweeps").glob("*.yaml"))
