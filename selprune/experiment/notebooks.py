@@ -15,6 +15,7 @@ import shutil
 import socket
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -256,9 +257,12 @@ def regenerate(notebooks: tuple[str, ...] = NOTEBOOKS, timeout: int = 1800) -> N
         for name in notebooks:
             path = NOTEBOOK_DIR / name
             print(f"selprune: regenerating {name}", file=sys.stderr)
+            t0 = time.perf_counter()
             nb = nbformat.read(path, as_version=4)
             NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
+                           kernel_manager_class=kernel_manager_class(),  # IPC sockets, as run_series
                            resources={"metadata": {"path": str(NOTEBOOK_DIR)}}).execute()
+            print(f"selprune: {name} ran in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             tmp = path.with_suffix(".tmp")
             nbformat.write(clean(nb), tmp)
             tmp.replace(path)
