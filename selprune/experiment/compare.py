@@ -15,8 +15,7 @@ to its last step; a baseline is trained again (bit-identical on the same seed an
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from selprune.errors import SelpruneError
 from selprune.experiment.baselines import unlearn
 from selprune.experiment.config import Config, stage_of
 from selprune.experiment.relearning import relearn
+from selprune.experiment.retrain import restored
 from selprune.experiment.rundir import RunDir
 from selprune.experiment.runs import RunKind, run_kind
 
@@ -79,19 +79,6 @@ def relearn_pruned(run_dir: str | Path, model: nn.Module, after: After) -> dict[
         record = after(model, RunDir(run_dir).replay(model).masks)
     RunDir(run_dir).write_json(RELEARN_FILE, record)
     return record
-
-
-@contextlib.contextmanager
-def restored(model: nn.Module) -> Iterator[nn.Module]:
-    """Put the model's weights back as they were when the block ends (a snapshot of its
-    state: one copy of the weights, on their device), in eval mode."""
-    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    try:
-        yield model
-    finally:
-        with torch.no_grad():
-            model.load_state_dict(snapshot)
-        model.eval()
 
 
 def relearn_after(cfg: Config, small: Data, train: torch.Tensor, reference: dict[str, Any],

@@ -13,7 +13,6 @@ damage (`anamnesia.match_random_step`). `control_check` says whether the control
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,7 +27,7 @@ from selprune.data import Data
 from selprune.errors import SelpruneError
 from selprune.evaluate import evaluate_both
 from selprune.experiment.config import Config
-from selprune.experiment.retrain import Masks, retrain
+from selprune.experiment.retrain import Masks, restored, retrain
 from selprune.experiment.rundir import RunDir
 from selprune.prune import Pruner
 from selprune.selectivity import record_drop
@@ -127,9 +126,10 @@ def anamnesia_experiment(model: nn.Module, data: Data, cfg: Config, selective_re
     - `random`: `build_random(copy, k)`, k = `match_random_step(...)`: random pruning with
       the retain top-1 damage closest to the selective model's.
 
-    `model` must be **unpruned** (e.g. after `pruner.restore()`); it is not modified: each
-    arm trains its own `copy.deepcopy` (memory: one extra model plus optimizer state at a
-    time). A builder prunes the copy it is given in place to a pruning run's state after
+    `model` must be **unpruned** (e.g. after `pruner.restore()`); it is left as it was:
+    each arm prunes and trains the model itself, which is then put back from a snapshot of
+    its weights (`retrain.restored`; memory: one copy of the weights plus the optimizer
+    state, no second model). A builder prunes the copy it is given in place to a pruning run's state after
     `step`, and returns the pruned-neuron masks (`replay_builder(run_dir)` makes one).
     Without the unpruned arm, the reference is the unpruned model's evaluation and
     `control` is None. Returns a JSON-ready dict: `{config, fractions, base, matching,
@@ -144,13 +144,12 @@ def anamnesia_experiment(model: nn.Module, data: Data, cfg: Config, selective_re
     out: dict[str, dict[str, Any]] = {}
     reference = None if "unpruned" in arms else evaluate_both(model, data, cfg.batch_size, progress)
     for name, (build, step) in ((n, plan[n]) for n in ARMS if n in arms):
-        arm_model = copy.deepcopy(model)
-        masks = None if build is None else build(arm_model, step)
-        if isinstance(masks, Pruner):  # tolerate builders that return the pruner
-            masks = masks.masks
-        out[name] = {"pruned_step": step, **relearn(arm_model, masks, data, cfg, train, reference, fractions, progress)}
+        with restored(model):  # each arm trains the model itself, put back from one weight snapshot
+            masks = None if build is None else build(model, step)
+            if isinstance(masks, Pruner):  # tolerate builders that return the pruner
+                masks = masks.masks
+            out[name] = {"pruned_step": step, **relearn(model, masks, data, cfg, train, reference, fractions, progress)}
         reference = reference or {side: out[name]["curve"][0][side] for side in ("forget", "retain")}
-        del arm_model
     sel_rec, rand_rec = record_at(selective_records, sel_step), record_at(random_records, rand_step)
     return {
         "config": {k: getattr(cfg, k) for k in RELEARN_FIELDS},

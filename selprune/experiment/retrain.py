@@ -13,8 +13,10 @@ when memory allows (docs/method.md, "Retraining and the anamnesia index").
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -244,3 +246,14 @@ def _train_loop(model: nn.Module, windows: torch.Tensor, order: torch.Tensor, sc
     return curve
 
 
+@contextlib.contextmanager
+def restored(model: nn.Module) -> Iterator[nn.Module]:
+    """Put the model's weights back as they were when the block ends (a snapshot of its
+    state: one copy of the weights, on their device), in eval mode."""
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            model.load_state_dict(snapshot)
+        model.eval()
