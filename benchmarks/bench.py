@@ -83,9 +83,12 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from selprune.data import Data  # noqa: E402
 from selprune.evaluate import evaluate  # noqa: E402
+from selprune.experiment.baselines import unlearn  # noqa: E402
 from selprune.experiment.config import Config, validate  # noqa: E402
 from selprune.experiment.loop import data_for, run_pruning  # noqa: E402
+from selprune.experiment.retrain import restored, retrain  # noqa: E402
 from selprune.models import _cpu_name, load_model  # noqa: E402
 from selprune.sites import find_sites  # noqa: E402
 from selprune.stats import collect_stats  # noqa: E402
@@ -357,6 +360,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "peak_anon_mb": step_peak.peak_anon / MB,
         "peak_over_load_mb": (step_peak.peak - rss_load) / MB,
     }
+    log(f"training steps, {args.repeats} interleaved repeats")
+    training = run_training(args, cfg, model, data, device)
     eval_memory = run_eval_memory(args) if args.eval_memory_config else None
 
     extra = {m: (peaks[m].peak_anon - anon_warm) / MB for m in (1, 2, 4)}
@@ -373,6 +378,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "collection": collection,
         "evaluation": evaluation,
         "pruning_step": pruning_step,
+        "training": training,
         "scaling": {
             "tokens": [tokens * m for m in (1, 2, 4)],
             "seconds": [scaling[m] for m in (1, 2, 4)],
@@ -401,6 +407,64 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **({"eval_memory": eval_memory} if eval_memory else {}),
         "total_seconds": time.perf_counter() - t_start,
     }
+
+
+TRAIN_STEPS = 4  # optimizer steps per timed training pass
+
+
+def run_training(args: argparse.Namespace, cfg: Config, model: torch.nn.Module, data: Data,
+                 device: torch.device) -> dict[str, Any]:
+    """Optimizer-step throughput (tokens/s through forward + backward + AdamW) of the
+    relearning loop (`retrain`, its evaluations left out: the records' train seconds) and
+    of gradient ascent (`unlearn`, method seconds), against a bare step of the same batch:
+    forward, cross-entropy, backward, fused AdamW, nothing else. The model is put back
+    after each pass (`restored`)."""
+    window = min(Config.retrain_window, args.window)
+    rcfg = cfg.replace(retrain_steps=TRAIN_STEPS, retrain_batch=2, retrain_window=window, retrain_lr=1e-6,
+                       retrain_eval_tokens=window, unlearn_steps=TRAIN_STEPS, unlearn_batch=2, unlearn_checkpoints=1,
+                       unlearn_lr=1e-6)
+    train = data.forget_train[:, :window]
+    tiny = data.with_eval_windows(1)  # the evaluations inside retrain/unlearn are not timed, so keep them small
+    ga_data = Data(data.forget_train, data.retain_train, tiny.forget_test, tiny.retain_test, data.skip)
+    order = torch.arange(TRAIN_STEPS * 2) % len(train)
+
+    def bare() -> float:
+        with restored(model):
+            model.train()
+            params = list(model.parameters())
+            opt = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0, fused=True)
+            t0 = time.perf_counter()
+            for step in range(TRAIN_STEPS):
+                ids = train[order[2 * step: 2 * step + 2]].to(device)  # [2, window]
+                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            _sync(device)
+            return time.perf_counter() - t0
+
+    def relearning() -> float:
+        with restored(model):
+            curve = retrain(model, None, None, tiny, rcfg, progress=False, train=train)
+        return sum(r["seconds"]["train"] for r in curve)
+
+    def ascent() -> float:
+        with restored(model):
+            records = unlearn(model, ga_data, rcfg.replace(window=args.window), "ga", progress=False)
+        return records[-1]["compute"]["seconds"]
+
+    times: dict[str, list[float]] = {"bare": [], "retrain": [], "ga": []}
+    for _ in range(args.repeats):
+        for name, fn in (("bare", bare), ("retrain", relearning), ("ga", ascent)):
+            times[name].append(fn())
+    per_s = {name: TRAIN_STEPS * 2 * n / statistics.median(t)
+             for name, t, n in (("bare", times["bare"], window), ("retrain", times["retrain"], window),
+                                ("ga", times["ga"], args.window))}
+    return {"steps": TRAIN_STEPS, "batch": 2, "window_retrain": window, "window_ga": args.window,
+            "bare_tokens_per_s": per_s["bare"], "retrain_tokens_per_s": per_s["retrain"],
+            "ga_tokens_per_s": per_s["ga"], "ratio_retrain": per_s["retrain"] / per_s["bare"],
+            "ratio_ga_vs_bare_per_token": per_s["ga"] / per_s["bare"], "seconds": times}
 
 
 def extra_anon(fn: Callable[[], Any]) -> float:

@@ -68,6 +68,13 @@ def test_tiny_benchmark_prints_well_formed_json(tmp_path, real_cache) -> None:
     assert step["total"] >= 0.999 * (step["collect"] + step["eval"])  # the sum of the phases (rounded)
     assert _positive(step["peak_rss_mb"]) and _positive(step["peak_anon_mb"]) and step["peak_rss_mb"] >= step["peak_anon_mb"]
 
+    train = result["training"]  # optimizer steps: the relearning loop and gradient ascent against a bare step
+    assert (train["steps"], train["batch"], train["window_retrain"], train["window_ga"]) == (4, 2, 64, 64)
+    for key in ("bare_tokens_per_s", "retrain_tokens_per_s", "ga_tokens_per_s", "ratio_retrain",
+                "ratio_ga_vs_bare_per_token"):
+        assert _positive(train[key]), (key, train[key])
+    assert all(len(train["seconds"][k]) == 1 for k in ("bare", "retrain", "ga"))
+
     scaling = result["scaling"]
     assert scaling["tokens"] == [256, 512, 1024]
     assert len(scaling["seconds"]) == 3 and all(_positive(t) for t in scaling["seconds"])
