@@ -24,6 +24,7 @@ from typing import Any
 
 from selprune.errors import SelpruneError
 from selprune.experiment.runs import RUN_KINDS, parse_runs
+from selprune.experiment.tracking import TRACKERS
 from selprune.prune import ABLATIONS
 from selprune.scoring import DEFAULT_EPS, IMPORTANCE, SCORES
 from selprune.select import HEAD_REDUCERS
@@ -162,6 +163,11 @@ class Config:
     runs: str = param("ff,random,attn,attn_heads,both,ga,graddiff,npo,rmu", "runs to do: pruning runs and gradient "
                       "unlearning baselines, among " + ", ".join(RUN_KINDS), "series")
     run_dir: str = param("runs/default", "output folder", "series")
+    # experiment tracking (#17): offline, under run_dir (selprune.experiment.tracking)
+    tracker: str = param("none", "experiment tracker of parameters, per-step metrics, tables and figures, written "
+                         "offline under run_dir: none, mlflow (file store run_dir/mlruns), tensorboard "
+                         "(run_dir/tensorboard) or wandb (offline mode, run_dir/wandb)", "series",
+                         choices=lambda: list(TRACKERS))
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

@@ -40,6 +40,7 @@ from selprune.experiment.baselines import ComputeMeter, compute_record
 from selprune.experiment.config import Config, stage_of, validate
 from selprune.experiment.rundir import RunDir, Step
 from selprune.experiment.runs import RunKind, run_kind
+from selprune.experiment.tracking import for_pruning
 from selprune.models import check_window
 from selprune.prune import Pruner, ablation_values, masks_summary
 from selprune.scoring import score
@@ -114,6 +115,7 @@ def run_pruning(cfg: Config, run: str, run_dir: str | Path, model: nn.Module, to
         box["rd"].save_records(records)
 
     records, finished = distributed.on_main(open_run)
+    track = for_pruning(cfg, run, run_dir)  # experiment tracking (#17): nothing with tracker=none
     data = data or data_for(cfg, tokenizer)
     fixed = None  # one-shot: the scores of the unpruned model, collected before any replay
     first = ComputeMeter(next(model.parameters()).device)  # the one-shot collection: step 1's compute
@@ -131,6 +133,7 @@ def run_pruning(cfg: Config, run: str, run_dir: str | Path, model: nn.Module, to
         records.append({"step": 0, "fraction": {k: 0.0 for k in KINDS}, "pruned_per_layer": masks_summary(pruner.masks),
                         **metrics, "seconds": {"eval": time.perf_counter() - t0}})
         distributed.on_main(functools.partial(save, 0, {}, {}))
+        track.record(records[0])  # tracking (#17)
     for step in range(len(records), cfg.steps + 1):
         if should_stop(records, cfg.max_retain_drop, cfg.stop_forget_top1):
             break
@@ -139,6 +142,8 @@ def run_pruning(cfg: Config, run: str, run_dir: str | Path, model: nn.Module, to
         records.append(record)
         distributed.on_main(functools.partial(save, step, new, values))
         announce_step(run, record, cfg.steps)
+        track.record(record)  # tracking (#17)
+    track.finish()  # tracking (#17)
     return records, pruner
 
 

@@ -64,7 +64,7 @@ def config_from(params: dict[str, Any], run: str, preset: str | None = None,
     stages a pruning run does not use (retraining, the series' runs and run_dir) are
     accepted, so one parameter file serves every command, and named in a note."""
     cfg = resolve(params, preset, require_runs=False)
-    unused = sorted(n for n in params if n in FIELDS and stage_of(n) not in RUN_STAGES)
+    unused = sorted(n for n in params if n in FIELDS and stage_of(n) not in RUN_STAGES and n != "tracker")
     if unused:
         (note or (lambda msg: print(f"selprune: note: {msg}", file=sys.stderr)))(
             f"selprune prune does not use {', '.join(unused)} (retraining and series parameters)")

@@ -32,7 +32,7 @@ import torch
 from selprune.data import Data
 from selprune.errors import SelpruneError
 from selprune.evaluate import evaluate_both
-from selprune.experiment import explorer, tables
+from selprune.experiment import explorer, tables, tracking
 from selprune.experiment.compare import RELEARN_FILE, After, relearn_after, relearn_pruned, run_baseline
 from selprune.experiment.config import DEFAULTS, FIELDS, Config, rename_aliases, resolve, stage_of, validate
 from selprune.experiment.loop import data_for, run_pruning
@@ -49,7 +49,7 @@ from selprune.selectivity import summarize
 from selprune.sites import find_sites
 from selprune.stats import ActivationStats, collect_stats
 
-RERUN_SAFE = ("run_dir", "runs", "batch_size", "device")  # may differ between calls on one run_dir
+RERUN_SAFE = ("run_dir", "runs", "batch_size", "device", "tracker")  # may differ between calls on one run_dir
 SIDES = ("forget", "retain")
 COMPARED = ("ff", "both", FLOOR)  # the pruning runs notebook 07 puts beside the baselines
 
@@ -123,7 +123,9 @@ class Series:
         return runs_of_notebook(notebook, self.active_runs())
 
     def write_results(self) -> dict[str, Any]:
-        return write_results(self.cfg, self.rd, self.model)
+        results = write_results(self.cfg, self.rd, self.model)
+        tracking.log_results(self.cfg, results)  # experiment tracking (#17): key metrics, tables, figures
+        return results
 
     # ------------------------------------------------------------------- 01 collect
     def collect(self) -> tuple[ActivationStats, ActivationStats]:

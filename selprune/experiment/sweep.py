@@ -16,7 +16,6 @@ worker processes (concurrent.futures, "spawn"), and a launcher runs each as a su
 others, and records each as it finishes; each worker runs what the sequential path runs.
 """
 
-
 from __future__ import annotations
 
 import multiprocessing
@@ -43,6 +42,7 @@ from selprune.experiment.rundir import RunDir, write_errors
 from selprune.experiment.runs import RUN_KINDS
 from selprune.experiment.series import Series
 from selprune.experiment.sweepfile import Point, Sweep
+from selprune.experiment.tracking import log_leaderboard
 from selprune.unlearning import METHODS
 
 # Planning rates for the cost estimate: tokens per second of statistics collection and of
@@ -126,8 +126,8 @@ def run_sweep(sweep: Sweep, progress: bool = True, log: Callable[[str], None] | 
 
 
 def _write_board(sweep: Sweep) -> list[dict[str, Any]]:
-    rows = leaderboard(sweep)
-    write_leaderboard(rows, sweep.out, frontier_curves(sweep, rows))
+    write_leaderboard(rows := leaderboard(sweep), sweep.out, frontier_curves(sweep, rows))
+    log_leaderboard(sweep, rows)  # experiment tracking (#17): each finished point's rows
     return rows
 
 
