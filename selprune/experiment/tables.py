@@ -81,7 +81,8 @@ def methods_table(runs: dict[str, list[dict[str, Any]]], relearned: dict[str, di
                "forget drop @10% retain %": "-" if head is None else round(100 * head, 1),
                "forget drop % (end)": 100 * s["final_drop"]["forget"],
                "retain drop % (end)": 100 * s["final_drop"]["retain"],
-               "fwd-equiv tokens": compute.get("forward_equiv_tokens"),
+               "fwd-equiv tokens": None if compute.get("forward_equiv_tokens") is None else
+               round(compute["forward_equiv_tokens"]),
                "backward tokens": compute.get("backward_tokens"),
                "seconds": compute.get("seconds"), "peak MB": compute.get("peak_memory_mb")}
         rel = (relearned or {}).get(run)
