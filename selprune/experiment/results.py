@@ -86,6 +86,9 @@ def assemble(cfg: Config, run_dir: RunDir, model: torch.nn.Module) -> dict[str, 
         "base": run_dir.read_json("base.json") if run_dir.has("base.json") else None,
         "runs": runs,
         "anamnesia": run_dir.read_json("anamnesia.json") if run_dir.has("anamnesia.json") else None,
+        # Series.probes: the unpruned model's and each pruning run's last step's, where made
+        "probes": {name: rd.read_json("probes.json") for name, rd in
+                   (("unpruned", run_dir), *((r, RunDir(run_dir.path / r)) for r in RUN_KINDS)) if rd.has("probes.json")},
         # relearning variants (Series.anamnesia(**variant)), by file name
         "anamnesia_variants": {f.stem.removeprefix("anamnesia__"): run_dir.read_json(f.name)
                                for f in sorted(run_dir.path.glob("anamnesia__*.json"))},

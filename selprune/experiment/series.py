@@ -36,9 +36,11 @@ from selprune.experiment import explorer, tables, tracking
 from selprune.experiment.compare import RELEARN_FILE, After, relearn_after, relearn_pruned, run_baseline
 from selprune.experiment.config import DEFAULTS, FIELDS, Config, rename_aliases, resolve, stage_of, validate
 from selprune.experiment.loop import data_for, run_pruning
+from selprune.experiment.probes import extra_metrics
 from selprune.experiment.progress import quiet_libraries
 from selprune.experiment.relearning import ANAMNESIA_SELECTIVE, ARMS, anamnesia_from_runs, relearn_windows
 from selprune.experiment.results import finished_runs, write_results
+from selprune.experiment.retrain import restored
 from selprune.experiment.rundir import RunDir, slug
 from selprune.experiment.runs import BASELINES, FLOOR, RUN_KINDS, run_kind, runs_of_notebook
 from selprune.models import check_window, load_model
@@ -51,6 +53,7 @@ from selprune.stats import ActivationStats, collect_stats
 
 RERUN_SAFE = ("run_dir", "runs", "batch_size", "device", "tracker")  # may differ between calls on one run_dir
 SIDES = ("forget", "retain")
+PROBES_FILE = "probes.json"  # Series.probes: the series' (unpruned model) or a run's (its last step)
 COMPARED = ("ff", "both", FLOOR)  # the pruning runs notebook 07 puts beside the baselines
 
 
@@ -309,3 +312,24 @@ class Series:
         return relearn_after(self.cfg, small, train, reference, self.progress)
 
     methods_table = staticmethod(tables.methods_table)
+
+    # ------------------------------------------------------ probes beyond accuracy
+    def probes(self, run: str | None = None, **options: Any) -> dict[str, Any]:
+        """The code probe and membership inference (and, with `humaneval_execute=True`,
+        HumanEval) of the unpruned model (`run` None) or of a pruning run's last step
+        (replayed, the model put back afterwards); stored once as `probes.json` in the
+        run's folder (the series' for the unpruned model) and gathered into results.json.
+        `options`: `experiment.probes.extra_metrics`'s."""
+        rd = self.rd if run is None else RunDir(self.run_dir / run)
+        if rd.has(PROBES_FILE) and not options:
+            return rd.read_json(PROBES_FILE)
+        kwargs = {"code_dataset": self.cfg.forget, "batch_size": self.cfg.batch_size, **options}
+        with restored(self.model):
+            if run is not None:
+                if run_kind(run).method or not self.records(run):
+                    raise SelpruneError(f"probes need a finished pruning run; {run!r} is not one in {self.run_dir}")
+                rd.replay(self.model)
+            out = extra_metrics(self.model, self.tokenizer, self.data, **kwargs)
+        rd.write_json(PROBES_FILE, out)
+        self.write_results()
+        return out

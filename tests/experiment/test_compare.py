@@ -109,3 +109,19 @@ def test_restored_puts_weights_back_even_after_an_error(series):
             next(series.model.parameters()).add_(1.0)
         raise RuntimeError("boom")
     assert all(torch.equal(before[k], v) for k, v in series.model.state_dict().items())
+
+
+def test_probes_of_the_unpruned_model_and_a_pruning_runs_last_step_go_into_results(series):
+    before = _weights(series.model)
+    small = {"code_prompts": 2, "code_tokens": 8}
+    unpruned, ff = series.probes(**small), series.probes("ff", **small)
+    assert all(torch.equal(before[k], v) for k, v in series.model.state_dict().items()), "the model is put back"
+    for out in (unpruned, ff):
+        assert out["code_probe"]["n"] == 2 and 0 <= out["code_probe"]["fraction"] <= 1
+        assert set(out["membership"]) >= {"auc"} and "skipped" in out["humaneval"], "HumanEval only on request"
+    results = json.loads((series.run_dir / "results.json").read_text())
+    assert set(results["probes"]) == {"unpruned", "ff"}
+    assert results["probes"]["ff"]["membership"] == {k: v for k, v in ff["membership"].items() if k != "seconds"}
+    assert series.probes("ff") == json.loads((series.run_dir / "ff" / "probes.json").read_text()), "read back"
+    with pytest.raises(SelpruneError, match="finished pruning run"):
+        series.probes("ga", **small)
