@@ -25,6 +25,12 @@ ALLOWED = {
     ("experiment/notebooks.py", "regenerate", "write"),  # nbformat.write into NAME.tmp, then replace
     ("plots.py", "save_figure", "savefig"),  # a BytesIO, then atomic_write_bytes
 }
+NOT_OUTPUTS = {  # writes that leave no result file behind
+    ("experiment/baselines.py", "_reset_cpu_peak", "open"),  # /proc/self/clear_refs: a kernel control file
+    ("experiment/baselines.py", "_reset_cpu_peak", "write"),
+    ("humaneval.py", "run_program", "write_text"),  # the program to run, in a throw-away temporary folder
+    ("experiment/tracking.py", "log_results", "to_json"),  # DataFrame.to_json() with no path: a string
+}
 
 
 class _Writes(ast.NodeVisitor):
@@ -64,8 +70,10 @@ def test_every_output_write_is_atomic():
         found |= visitor.found
         sources.update({(name, f.name): ast.get_source_segment(text, f)
                         for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)})
-    assert not found - ALLOWED, (f"non-atomic writes {sorted(found - ALLOWED)}: write with "
-                                 "selprune.paths.atomic_write_* or into a temporary path renamed into place")
+    assert not found - ALLOWED - NOT_OUTPUTS, (f"non-atomic writes {sorted(found - ALLOWED - NOT_OUTPUTS)}: write with "
+                                               "selprune.paths.atomic_write_* or into a temporary path renamed into "
+                                               "place")
+    assert NOT_OUTPUTS <= found, f"{sorted(NOT_OUTPUTS - found)} are gone; update NOT_OUTPUTS"
     for file, fn, _ in ALLOWED:
         assert (file, fn) in sources, f"{file}:{fn} is gone; update ALLOWED"
         assert any(k in sources[file, fn] for k in ("os.replace(", ".replace(", ".rename(", "atomic_write_bytes(")), \
