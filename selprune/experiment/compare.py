@@ -27,13 +27,13 @@ from selprune.data import Data
 from selprune.errors import SelpruneError
 from selprune.experiment.baselines import unlearn
 from selprune.experiment.config import Config, stage_of
+from selprune.experiment.loop import RERUN_SAFE
 from selprune.experiment.relearning import relearn
 from selprune.experiment.retrain import restored
 from selprune.experiment.rundir import RunDir
 from selprune.experiment.runs import RunKind, run_kind
 
 BASELINE_STAGES = ("setup", "data", "unlearn")  # the parameters that define a baseline run's results
-RERUN_SAFE = ("batch_size", "device")
 RELEARN_FILE = "relearn.json"  # a run's relearning record, in its folder
 # (the model after the method[, its pruned-neuron masks]) -> the relearning record
 After = Callable[..., dict[str, Any]]

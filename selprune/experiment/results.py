@@ -24,6 +24,8 @@ from selprune.experiment.rundir import RunDir
 from selprune.experiment.runs import RUN_KINDS
 from selprune.selectivity import summarize
 
+PROBES_FILE = "probes.json"  # Series.probes: the series' (unpruned model) or a run's (its last step)
+
 
 def split_timings(obj: Any, path: str = "") -> tuple[Any, dict[str, Any]]:
     """Move every "seconds" entry (and every peak memory) out of a nested result, keyed
@@ -87,8 +89,8 @@ def assemble(cfg: Config, run_dir: RunDir, model: torch.nn.Module) -> dict[str, 
         "runs": runs,
         "anamnesia": run_dir.read_json("anamnesia.json") if run_dir.has("anamnesia.json") else None,
         # Series.probes: the unpruned model's and each pruning run's last step's, where made
-        "probes": {name: rd.read_json("probes.json") for name, rd in
-                   (("unpruned", run_dir), *((r, RunDir(run_dir.path / r)) for r in RUN_KINDS)) if rd.has("probes.json")},
+        "probes": {name: rd.read_json(PROBES_FILE) for name, rd in
+                   (("unpruned", run_dir), *((r, RunDir(run_dir.path / r)) for r in RUN_KINDS)) if rd.has(PROBES_FILE)},
         # relearning variants (Series.anamnesia(**variant)), by file name
         "anamnesia_variants": {f.stem.removeprefix("anamnesia__"): run_dir.read_json(f.name)
                                for f in sorted(run_dir.path.glob("anamnesia__*.json"))},

@@ -39,7 +39,7 @@ from selprune.experiment.loop import data_for, run_pruning
 from selprune.experiment.probes import extra_metrics
 from selprune.experiment.progress import quiet_libraries
 from selprune.experiment.relearning import ANAMNESIA_SELECTIVE, ARMS, anamnesia_from_runs, relearn_windows
-from selprune.experiment.results import finished_runs, write_results
+from selprune.experiment.results import PROBES_FILE, finished_runs, write_results
 from selprune.experiment.retrain import restored
 from selprune.experiment.rundir import RunDir, slug
 from selprune.experiment.runs import BASELINES, FLOOR, RUN_KINDS, run_kind, runs_of_notebook
@@ -53,7 +53,6 @@ from selprune.stats import ActivationStats, collect_stats
 
 RERUN_SAFE = ("run_dir", "runs", "batch_size", "device", "tracker")  # may differ between calls on one run_dir
 SIDES = ("forget", "retain")
-PROBES_FILE = "probes.json"  # Series.probes: the series' (unpruned model) or a run's (its last step)
 COMPARED = ("ff", "both", FLOOR)  # the pruning runs notebook 07 puts beside the baselines
 
 
