@@ -12,8 +12,9 @@ float64 order of adding batches.
 
 Memory: the full-vocabulary logits of a batch never exist at once. The transformer body
 runs once per batch, then the LM head (and, for Gemma 2/3, the final logit soft-capping)
-runs over chunks of rows (`_HEAD_BYTES` of float32 logits each), and every chunk is
-reduced to top-10 and the target's log-probability before the next is made. The logits
+runs over chunks of rows (`_HEAD_BYTES` of float32 logits each) into one logits buffer
+reused for every chunk and batch, and every chunk is reduced to top-10 and the target's
+log-probability before the next is made. The logits
 are bit-identical to the full forward's (same head, same rows, each chunk a matmul of at
 least `_MIN_HEAD_ROWS` rows: MKL's small-row kernels round differently), so the metrics
 are those of `model(input_ids=...)`. Models whose logits are more than head(body) in a way
@@ -37,7 +38,10 @@ from selprune.models import float64_device, input_device
 
 METRICS = ("top1", "top10", "top1_skip", "top10_skip", "loss", "perplexity")
 _CHUNK_BYTES = 8 << 20  # on the CPU, float32 logits per chunk of rows (8 MiB: ~40 rows of a 49k vocabulary)
-_HEAD_BYTES = 256 << 20  # float32 logits per LM-head call (256 MiB: 256 rows of a 262k vocabulary)
+# float32 logits per LM-head call (384 MiB: 384 rows of a 262k vocabulary, a whole batch of 8 x 256 of
+# a 49k one). Fewer rows per call cost speed: every call re-packs the whole head weight (on the
+# 262k config, 8 calls of 256 rows took 1.2x the time of one 2048-row call, 6 of 384 rows 0.95x).
+_HEAD_BYTES = 384 << 20
 # The fewest rows in one LM-head call, unless the batch has fewer: on this MKL (2024.2, AVX-512)
 # a matmul of 1-3, 5-7 or 9-11 rows rounds differently from one of many rows (other kernels).
 _MIN_HEAD_ROWS = 16
@@ -105,15 +109,17 @@ def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None
     return body, head, cap
 
 
-def _logit_chunks(model: nn.Module, ids: torch.Tensor,
-                  parts: tuple[nn.Module, nn.Module, float | None] | None) -> Iterator[tuple[int, torch.Tensor]]:
+def _logit_chunks(model: nn.Module, ids: torch.Tensor, parts: tuple[nn.Module, nn.Module, float | None] | None,
+                  scratch: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """(first row, logits `[rows, vocab]`) over the rows (b * pos + p) of the batch `ids`
     `[batch, pos]`: chunks from the body's hidden states through the head when `parts` (of
     `_body_and_head`) is given, else one chunk, the full forward's logits.
 
     Chunks have `_HEAD_BYTES` of float32 logits but at least `_MIN_HEAD_ROWS` rows (a short
     last one joins the one before), or the whole batch if it has fewer rows: then every
-    head call is a matmul of the same kind as the full forward's, and its logits the same bits."""
+    head call is a matmul of the same kind as the full forward's, and its logits the same bits.
+    With `scratch`, the chunks are written into one buffer kept there (`_head_into`): the
+    yielded logits are a view of it, valid until the next chunk is asked for."""
     if parts is None:
         logits = model(input_ids=ids, use_cache=False).logits  # [batch, pos, vocab]
         yield 0, logits.reshape(-1, logits.shape[-1])  # a view
@@ -125,12 +131,33 @@ def _logit_chunks(model: nn.Module, ids: torch.Tensor,
     bounds = [*range(0, len(hidden), step), len(hidden)]
     if len(bounds) > 2 and bounds[-1] - bounds[-2] < _MIN_HEAD_ROWS:
         del bounds[-2]
+    rows = max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
     for lo, hi in zip(bounds, bounds[1:], strict=False):
-        logits = head(hidden[lo:hi])  # [hi - lo, vocab]
+        logits = _head_into(head, hidden[lo:hi], rows, scratch)  # [hi - lo, vocab]
         if cap is not None:  # the model's own "/ cap, tanh, * cap", in place (the same bits, no copies)
             logits = logits.div_(cap).tanh_().mul_(cap)
         yield lo, logits
         del logits  # before the next chunk is made: one chunk of logits at a time
+
+
+def _head_into(head: nn.Linear, x: torch.Tensor, rows: int, scratch: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """`head(x)` `[m, vocab]`, written into a `[rows, vocab]` buffer kept in `scratch` when
+    that is safe: no autograd, and no hook on the head (accelerate's device hook, a user's
+    hook) that calling the head itself would run. The same ATen call as `nn.Linear`'s
+    (mm, or addmm with a bias) gives the same bits; what the buffer saves is a fresh
+    logits-sized allocation, and its page faults, per chunk."""
+    if (scratch is None or torch.is_grad_enabled() or head._forward_hooks or head._forward_pre_hooks
+            or hasattr(head, "_hf_hook") or x.device != head.weight.device or x.dtype != head.weight.dtype):
+        return head(x)
+    w = head.weight  # [vocab, d_model]
+    buf = scratch.get("head")
+    if buf is None or buf.shape[0] < rows or buf.shape[1] != w.shape[0] or buf.dtype != w.dtype \
+            or buf.device != w.device:
+        buf = scratch["head"] = torch.empty(rows, w.shape[0], dtype=w.dtype, device=w.device)
+    out = buf[: len(x)]
+    if head.bias is None:
+        return torch.mm(x, w.t(), out=out)
+    return torch.addmm(head.bias, x, w.t(), out=out)
 
 
 def _reduce_rows(logits: torch.Tensor, nxt: torch.Tensor, top10: torch.Tensor, logp: torch.Tensor,
@@ -179,12 +206,12 @@ def _evaluate(model: nn.Module, windows: torch.Tensor, skip_ids: torch.Tensor | 
     # device than its embedding), made at the first batch; None while this rank has none.
     sums: torch.Tensor | None = None  # [5] int64: top1, top10, n_skip, top1_skip, top10_skip
     loss_sum: torch.Tensor | None = None  # [] float64, on float64_device of the logits' device
-    scratch: dict[str, torch.Tensor] = {}  # float32 [rows, vocab] buffers, reused across chunks and batches
+    scratch: dict[str, torch.Tensor] = {}  # [rows, vocab] buffers (logits, float32), reused across chunks and batches
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
         ids = windows[start : start + batch_size].to(in_device)  # [batch, pos]
         b, p = ids.shape
         top10 = logp = nxt = None
-        for lo, logits in _logit_chunks(model, ids, parts):  # [rows, vocab], rows lo.. of the batch's b * p
+        for lo, logits in _logit_chunks(model, ids, parts, scratch):  # [rows, vocab], rows lo.. of the batch's b*p
             if top10 is None:  # the first chunk tells the logits' device and the vocabulary
                 device, v = logits.device, logits.shape[1]
                 ids = ids.to(device)

@@ -76,12 +76,13 @@ def token_stats(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) ->
 def _token_stats(model: nn.Module, windows: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
     parts, device = _body_and_head(model), input_device(model)
     out: dict[str, list[torch.Tensor]] = {"logp": [], "mu": [], "sigma": []}
+    scratch: dict[str, torch.Tensor] = {}  # the logits buffer, reused across chunks and batches
     for start in range(0, len(windows), batch_size):
         ids = windows[start : start + batch_size].to(device)  # [batch, pos]
         b, p = ids.shape
         rows = {k: torch.empty(b * p, dtype=torch.float64) for k in out}  # [batch * pos]
         nxt = ids.roll(-1, dims=1).reshape(-1)  # row i's target (the last column wraps: dropped below)
-        for first, logits in _logit_chunks(model, ids, parts):  # [chunk, vocab]
+        for first, logits in _logit_chunks(model, ids, parts, scratch):  # [chunk, vocab]
             for r in range(0, logits.shape[0], _ROWS):  # a few float32 [_ROWS, vocab] temporaries at a time
                 lo, hi = first + r, first + min(r + _ROWS, logits.shape[0])
                 logit = logits[r : r + _ROWS].float()  # [rows, vocab]

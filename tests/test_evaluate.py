@@ -152,9 +152,18 @@ def test_chunked_head_metrics_bit_identical_to_full_forward(family, overrides, h
     windows[:, 1::3] = windows[:, 0::3][:, : windows[:, 1::3].shape[1]]  # some repetition: top-1 hits
     skip_ids = torch.tensor([3, 5, 7, 11, 13, 17, 19, 23, 250])
     want = _full_forward_metrics(model, windows, skip_ids, 3, monkeypatch)
-    shapes, handle = _head_inputs(model)
+    shapes, buffered = [], []
+    head_into = ev._head_into
+
+    def recording(head, x, rows, scratch):  # the head calls, and whether each wrote into the reused buffer
+        out = head_into(head, x, rows, scratch)
+        shapes.append(tuple(x.shape))
+        buffered.append(out.untyped_storage().data_ptr() == scratch["head"].untyped_storage().data_ptr())
+        return out
+
+    monkeypatch.setattr(ev, "_head_into", recording)
     got = evaluate(model, windows, skip_ids, batch_size=3, progress=False)
-    handle.remove()
+    assert all(buffered)  # no hook on the head: every chunk went into the one buffer
     assert got == want  # every metric, bit for bit
     assert 0 < got["tokens_skip"] < got["tokens"] and got["top10"] > 0
     rows = [s[0] for s in shapes]
@@ -178,6 +187,23 @@ def test_chunked_logits_equal_full_forward_logits(family, overrides, monkeypatch
     assert torch.equal(torch.cat([lg for _, lg in chunks]), full)
     if overrides:
         assert full.abs().max() <= 3.0  # soft-capped
+
+
+def test_a_hook_on_the_head_still_runs_on_every_chunk() -> None:
+    """The reused logits buffer bypasses `head(...)`, so a head with a hook (a user's, or
+    accelerate's device hook) is called as a module: the hook sees every chunk and what it
+    returns is what the metrics are made of."""
+    model = tiny_model("llama", seed=3, vocab_size=40, std=0.5)
+    w = random_windows(4, 12, seed=2, vocab=40)
+    plain = evaluate(model, w, batch_size=2, progress=False)
+    shapes, handle = _head_inputs(model)
+    again = evaluate(model, w, batch_size=2, progress=False)
+    handle.remove()
+    assert [s[0] for s in shapes] == [24, 24] and again == plain  # 2-D chunks of 2 x 12 rows
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: out * 2)
+    doubled = evaluate(model, w, batch_size=2, progress=False)
+    handle.remove()
+    assert doubled["top10"] == plain["top10"] and doubled["loss"] != pytest.approx(plain["loss"], rel=1e-3)
 
 
 class _ScaledLlama(LlamaForCausalLM):
