@@ -47,7 +47,7 @@ from selprune.scoring import score
 from selprune.select import select
 from selprune.selectivity import should_stop
 from selprune.sites import KINDS, NeuronSites, find_sites
-from selprune.stats import collect_stats
+from selprune.stats import ActivationStats, collect_stats
 
 RUN_STAGES = ("setup", "data", "score", "prune")  # the parameters that define a pruning run's results
 RERUN_SAFE = ("batch_size", "device")  # they change speed, not results
@@ -87,6 +87,7 @@ def lock_run(path: str | Path, cfg: Config, kind: RunKind) -> RunDir:
 
 def run_pruning(cfg: Config, run: str, run_dir: str | Path, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                 data: Data | None = None, progress: bool = True, base: dict[str, Any] | None = None,
+                unpruned: tuple[ActivationStats, ActivationStats] | None = None,
                 ) -> tuple[list[dict[str, Any]], Pruner]:
     """Run (or resume) the pruning run `run` (a run kind) of `cfg` in `run_dir`; returns
     the step records and the pruner, whose model is left pruned as of the last step
@@ -95,7 +96,13 @@ def run_pruning(cfg: Config, run: str, run_dir: str | Path, model: nn.Module, to
     Record 0 is the unpruned model (metrics from `base` if given: the same data and model
     give the same numbers, so a series evaluates the unpruned model once). Each record:
     step, fractions pruned per kind, per-layer counts, metrics of forget and retain, and
-    seconds per phase."""
+    seconds per phase.
+
+    `unpruned`: the unpruned model's (forget, retain) statistics on `data`'s collection
+    windows, if the caller has them (a series collects them once, in notebook 01): the
+    first collection of an iterative run and the one-shot collection use them instead of
+    running the model again. Sums over the same windows are the same, so the run is too;
+    the compute record still counts that collection, the method's cost."""
     kind = run_kind(run)
     validate(cfg, runs=[run], require_runs=False)
     check_window(model, cfg.window if data is None else data.forget_test.shape[-1])  # before the run directory
@@ -121,7 +128,7 @@ def run_pruning(cfg: Config, run: str, run_dir: str | Path, model: nn.Module, to
     first = ComputeMeter(next(model.parameters()).device)  # the one-shot collection: step 1's compute
     if cfg.prune_mode == "one-shot" and not kind.random:
         with first.measure():
-            fixed = _collect_and_score(cfg, model, sites, data, None, progress)[0]
+            fixed = _collect_and_score(cfg, model, sites, data, None, progress, stats=unpruned)[0]
         first.forward(_collected_tokens(data))
     for new, values in finished:  # replay the finished steps
         for k in KINDS:
@@ -137,7 +144,8 @@ def run_pruning(cfg: Config, run: str, run_dir: str | Path, model: nn.Module, to
     for step in range(len(records), cfg.steps + 1):
         if should_stop(records, cfg.max_retain_drop, cfg.stop_forget_top1):
             break
-        record, new, values = _step(cfg, kind, step, model, sites, pruner, data, fixed, progress)
+        record, new, values = _step(cfg, kind, step, model, sites, pruner, data, fixed, progress,
+                                    unpruned if step == 1 else None)
         record["compute"] = _add_compute(records[-1].get("compute"), record.pop("meter"), first if step == 1 else None)
         records.append(record)
         distributed.on_main(functools.partial(save, step, new, values))
@@ -167,8 +175,10 @@ def announce_step(run: str, record: dict[str, Any], steps: int) -> None:
 
 
 def _step(cfg: Config, kind: RunKind, step: int, model: nn.Module, sites: NeuronSites, pruner: Pruner, data: Data,
-          fixed: dict[str, torch.Tensor] | None, progress: bool):
-    """One pruning step: (its record, the new masks, their ablation values)."""
+          fixed: dict[str, torch.Tensor] | None, progress: bool,
+          unpruned: tuple[ActivationStats, ActivationStats] | None = None):
+    """One pruning step: (its record, the new masks, their ablation values). `unpruned`:
+    the statistics of the model as it is, when it is still unpruned (step 1), else None."""
     secs: dict[str, float] = {}
     meter = ComputeMeter(next(model.parameters()).device)  # the method's own work: collection, scoring, pruning
     t = time.perf_counter()
@@ -176,7 +186,7 @@ def _step(cfg: Config, kind: RunKind, step: int, model: nn.Module, sites: Neuron
     iterative = fixed is None and not kind.random
     if iterative or cfg.ablation != "zero":  # mean/peak constants always come from the model as it is now
         with meter.measure():
-            fresh, retain_stats = _collect_and_score(cfg, model, sites, data, pruner.masks, progress, step)
+            fresh, retain_stats = _collect_and_score(cfg, model, sites, data, pruner.masks, progress, step, unpruned)
         meter.forward(_collected_tokens(data))
         scores = fresh if iterative else scores
     secs["collect"] = time.perf_counter() - t
@@ -207,6 +217,18 @@ def _step(cfg: Config, kind: RunKind, step: int, model: nn.Module, sites: Neuron
     return record, new, values
 
 
+def _check_reusable(stats: tuple[ActivationStats, ActivationStats], data: Data, hist: int) -> None:
+    """Given statistics must be of the collection windows the run would collect on (their
+    token counts tell), with a histogram where peak ablation needs one: anything else is a
+    caller's mistake that would silently score other text."""
+    for st, windows, side in zip(stats, (data.forget_train, data.retain_train), ("forget", "retain"), strict=True):
+        if st.n_tokens != windows.numel():
+            raise SelpruneError(f"the given unpruned {side} statistics count {st.n_tokens} tokens, the run's "
+                                f"collection windows {windows.numel()}: pass statistics of the same data, or none")
+        if hist and not st.hist:
+            raise SelpruneError("peak ablation needs statistics with a histogram: collect them with hist_bins > 0")
+
+
 def _collected_tokens(data: Data) -> int:
     """Tokens through one collection: every position of both datasets' collection windows
     (the transformer body only, no LM head: counted as full-depth forward passes)."""
@@ -228,15 +250,21 @@ def _add_compute(before: dict[str, Any] | None, *meters: ComputeMeter | None) ->
 
 
 def _collect_and_score(cfg: Config, model: nn.Module, sites: NeuronSites, data: Data,
-                       removed: dict[str, torch.Tensor] | None, progress: bool, step: int = 0):
-    """Statistics of forget and retain on the model as it is, and the scores from them:
-    (scores per kind, the retain statistics for mean/peak ablation)."""
+                       removed: dict[str, torch.Tensor] | None, progress: bool, step: int = 0,
+                       stats: tuple[ActivationStats, ActivationStats] | None = None):
+    """Statistics of forget and retain on the model as it is (`stats`, when the caller
+    already has them), and the scores from them: (scores per kind, the retain statistics
+    for mean/peak ablation)."""
     hist = 64 if cfg.ablation == "peak" else 0
     meta = {"model": cfg.model, "window": cfg.window, "seed": cfg.seed}
-    forget, retain = (collect_stats(model, sites, windows, cfg.batch_size, removed, hist,
-                                    meta={**meta, "dataset": name}, progress=progress, desc=f"collect {side}")
-                      for side, windows, name in (("forget", data.forget_train, cfg.forget),
-                                                  ("retain", data.retain_train, cfg.retain)))
+    if stats is not None:
+        _check_reusable(stats, data, hist)
+        forget, retain = stats
+    else:
+        forget, retain = (collect_stats(model, sites, windows, cfg.batch_size, removed, hist,
+                                        meta={**meta, "dataset": name}, progress=progress, desc=f"collect {side}")
+                          for side, windows, name in (("forget", data.forget_train, cfg.forget),
+                                                      ("retain", data.retain_train, cfg.retain)))
     eps = {"ff": cfg.eps_ff, "attn": cfg.eps_attn}
     return score(forget, retain, cfg.importance, cfg.score, eps, seed=cfg.seed * 1000 + step if step else cfg.seed), \
         retain

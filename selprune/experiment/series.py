@@ -173,7 +173,7 @@ class Series:
         kind that exports (ff) also writes the pruned model."""
         kind = run_kind(run)
         records, pruner = run_pruning(self.cfg, run, self.run_dir / run, self.model, self.tokenizer, self.data,
-                                      self.progress, base=self.base)
+                                      self.progress, base=self.base, unpruned=self.statistics())
         try:
             if kind.exports:
                 with quiet_libraries(not self.progress):  # transformers' "Writing model shards" bar

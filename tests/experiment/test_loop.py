@@ -401,3 +401,42 @@ def test_data_for_passes_the_config_on(smollm_tokenizer, monkeypatch):
     assert data_for(cfg, smollm_tokenizer) == "data"
     assert seen == {"tok": smollm_tokenizer, "forget": "code", "retain": "prose", "window": 64, "collect_tokens": 512,
                     "eval_tokens": 256, "skip_k": 7, "seed": 3}
+
+
+# ------------------------------------------------------- the series' unpruned statistics
+@pytest.mark.parametrize(("mode", "ablation"), [("iterative", "zero"), ("one-shot", "peak")])
+def test_given_unpruned_statistics_give_the_same_run(tmp_path, mode, ablation) -> None:
+    """A series hands its notebook-01 statistics to every run (hist_bins=64, the collection
+    windows): the first collection is skipped, yet the records, masks and ablation values are
+    those of a run that collects for itself, bit for bit."""
+    cfg = CFG.replace(prune_mode=mode, ablation=ablation)
+    data, model = make_data(), tiny_model("llama", seed=0)
+    sites = find_sites(model)
+    stats = tuple(collect_stats(model, sites, w, cfg.batch_size, hist_bins=64, progress=False)
+                  for w in (data.forget_train, data.retain_train))
+    calls = []
+    real = loop.collect_stats
+    own, _ = run(cfg, tmp_path / "own", data=data)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(loop, "collect_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+        given, _ = run_pruning(cfg, "both", tmp_path / "given", model, None, data, progress=False, unpruned=stats)
+    # step 1's pair and the one-shot collection skipped; later steps collect (iterative: to
+    # re-score; one-shot with peak ablation: the constants of the model as it is now)
+    assert len(calls) == 2 * (cfg.steps - 1)
+    assert without_measured(given) == without_measured(own)
+    for a, b in zip(step_masks(tmp_path / "own", cfg.steps), step_masks(tmp_path / "given", cfg.steps), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in KINDS)
+    own_t, given_t = (load_file(str(tmp_path / d / "step_001.safetensors")) for d in ("own", "given"))
+    assert own_t.keys() == given_t.keys() and all(torch.equal(own_t[k], given_t[k]) for k in own_t)
+
+
+def test_unpruned_statistics_of_other_windows_are_refused(tmp_path) -> None:
+    data, model = make_data(), tiny_model("llama", seed=0)
+    sites = find_sites(model)
+    short = tuple(collect_stats(model, sites, w[:1], 4, progress=False) for w in (data.forget_train, data.retain_train))
+    with pytest.raises(SelpruneError, match="statistics count .* tokens"):
+        run_pruning(CFG, "ff", tmp_path / "r", model, None, data, progress=False, unpruned=short)
+    full = tuple(collect_stats(model, sites, w, 4, progress=False) for w in (data.forget_train, data.retain_train))
+    with pytest.raises(SelpruneError, match="histogram"):
+        run_pruning(CFG.replace(ablation="peak"), "ff", tmp_path / "p", model, None, data, progress=False,
+                    unpruned=full)
