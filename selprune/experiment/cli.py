@@ -21,7 +21,7 @@ from selprune.experiment.config import FIELDS, PRESETS, stage_of
 from selprune.experiment.param_args import add_param_options, read_params
 from selprune.experiment.render import help_epilog
 
-SWEEP_STAGES = ("setup", "data", "score", "prune", "relearn")  # run_dir is per point; runs may vary
+SWEEP_STAGES = ("setup", "data", "score", "prune", "relearn", "probe")  # run_dir is per point; runs may vary
 
 
 def add_preset_option(parser: argparse.ArgumentParser) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from selprune.errors import SelpruneError
-from selprune.experiment.runs import RUN_KINDS, parse_runs
+from selprune.experiment.runs import RUN_KINDS, parse_runs, probe_models
 from selprune.experiment.tracking import TRACKERS
 from selprune.prune import ABLATIONS
 from selprune.scoring import DEFAULT_EPS, IMPORTANCE, SCORES
@@ -37,6 +37,7 @@ STAGES = {
     "prune": "which neurons go, and when a run stops",
     "relearn": "retraining on forget text (anamnesia index, notebook 06)",
     "unlearn": "the gradient unlearning baselines (GA, GradDiff, NPO, NPO+RT, RMU)",
+    "probe": "the probes beyond next-token accuracy (notebook 05): code probe, membership, lm-eval tasks",
     "series": "which pruning runs, and where they go",
 }
 Check = Callable[[Any], str | None]  # value -> what is wrong with it (None: fine)
@@ -66,6 +67,13 @@ def within(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False, h
 
 def positive(hint: str = "") -> Check:
     return lambda v: None if v is not None and math.isfinite(v) and v > 0 else f"must be a positive number{hint}"
+
+
+def _probe_models_problem(value: str) -> str | None:
+    pruning = [k for k, r in RUN_KINDS.items() if not r.method]
+    bad = [n for n in probe_models(value) if n != "unpruned" and n not in pruning]
+    return None if not bad else (f"names {bad}: the probes take unpruned or pruning runs "
+                                 f"({', '.join(pruning)}); fix the list")
 
 
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes [0, 2^63)
@@ -160,6 +168,17 @@ class Config:
                              check=within(0, math.inf, hi_open=True, hint="; use e.g. 100"))
     rmu_layers: int = param(3, "how many layers up to rmu_layer have their MLP output projection updated by RMU",
                             "unlearn", check=at_least(1))
+    # probes beyond next-token accuracy (#17): selprune.experiment.probes
+    probes: str = param("unpruned,ff,random", "models notebook 05 probes (the code probe, membership inference "
+                        "and lm_eval_tasks): unpruned and pruning runs' last steps, comma-separated; empty: none",
+                        "probe", check=_probe_models_problem)
+    lm_eval_tasks: str = param("", "lm-eval tasks of the probes, comma-separated: the shipped offline "
+                               "selprune_code_next_line and selprune_prose_next_sentence, or lm-eval's own "
+                               "(hellaswag, arc_easy, piqa, mmlu, wmdp_cyber: need a network); needs `pip install "
+                               "lm-eval`; empty: none", "probe")
+    lm_eval_limit: int | None = param(50, "documents per lm-eval task (None: all of them)", "probe",
+                                      check=lambda v: None if v is None or v >= 1 else
+                                      "is below 1; use a positive number of documents, or None for all")
     runs: str = param("ff,random,attn,attn_heads,both,ga,graddiff,npo,rmu", "runs to do: pruning runs and gradient "
                       "unlearning baselines, among " + ", ".join(RUN_KINDS), "series")
     run_dir: str = param("runs/default", "output folder", "series")

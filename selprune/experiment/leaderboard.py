@@ -72,6 +72,18 @@ def relearn_row(result: dict[str, Any] | None, run: str) -> dict[str, Any]:
     return row
 
 
+def probe_row(probes: dict[str, Any] | None) -> dict[str, Any]:
+    """The probe columns of a run's row, where notebook 05 probed it (`probes`): the
+    code probe's parse fraction, the membership AUCs and the lm-eval accuracies."""
+    if not probes:
+        return {}
+    row = {"code_parses": probes["code_probe"]["fraction"]}
+    row.update({f"mia_auc_{k.replace('+', 'p')}": v for k, v in probes["membership"]["auc"].items()})
+    for task, m in (probes.get("lm_eval") or {}).get("tasks", {}).items():
+        row[f"lm_eval_{task.removeprefix('selprune_')}_acc"] = m.get("acc")
+    return row
+
+
 def leaderboard(sweep: Sweep) -> list[dict[str, Any]]:
     """One row per pruning run of every point, ranked (see `rank`)."""
     rows = []
@@ -97,6 +109,7 @@ def leaderboard(sweep: Sweep) -> list[dict[str, Any]]:
                 row["status"] = "failed" if error else "not run"
             if pt.relearn:
                 row.update(relearn_row((results or {}).get("anamnesia"), run))
+            row.update(probe_row(((results or {}).get("probes") or {}).get(run)))
             if error:
                 row["error"] = error
             rows.append(row)
@@ -141,10 +154,11 @@ def floor_headline(rows: list[dict[str, Any]]) -> float | None:
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
-    relearn = [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith("relearn_")]
+    relearn = [k for k in dict.fromkeys(k for r in rows for k in r)  # relearning and probe columns
+               if k.startswith(("relearn_", "code_parses", "mia_auc_", "lm_eval_"))]
     known = set(COLUMNS_FIRST) | set(COLUMNS_LAST) | set(relearn)
     varied = list(dict.fromkeys(k for r in rows for k in r if k not in known))
-    return COLUMNS_FIRST + varied + COLUMNS_LAST[:-2] + relearn + COLUMNS_LAST[-2:]  # relearning before note, error
+    return COLUMNS_FIRST + varied + COLUMNS_LAST[:-2] + relearn + COLUMNS_LAST[-2:]  # relearning, probes before note, error
 
 
 def leaderboard_csv(rows: list[dict[str, Any]]) -> str:

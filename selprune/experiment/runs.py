@@ -86,3 +86,8 @@ def run_kind(name: str) -> RunKind:
 def runs_of_notebook(notebook: str, names: list[str]) -> list[str]:
     """The runs among `names` that `notebook` does, in registry order."""
     return [r for r in RUN_KINDS if r in names and RUN_KINDS[r].notebook == notebook]
+
+
+def probe_models(value: str) -> list[str]:
+    """The models named by a `probes` value, in order: "unpruned" and pruning run kinds."""
+    return [n.strip() for n in value.split(",") if n.strip()]

@@ -42,7 +42,7 @@ from selprune.experiment.relearning import ANAMNESIA_SELECTIVE, ARMS, anamnesia_
 from selprune.experiment.results import PROBES_FILE, finished_runs, write_results
 from selprune.experiment.retrain import restored
 from selprune.experiment.rundir import RunDir, slug
-from selprune.experiment.runs import BASELINES, FLOOR, RUN_KINDS, run_kind, runs_of_notebook
+from selprune.experiment.runs import BASELINES, FLOOR, RUN_KINDS, probe_models, run_kind, runs_of_notebook
 from selprune.models import check_window, load_model
 from selprune.prune import export_pruned
 from selprune.scoring import IMPORTANCE, score
@@ -313,6 +313,16 @@ class Series:
     methods_table = staticmethod(tables.methods_table)
 
     # ------------------------------------------------------ probes beyond accuracy
+    def probe_all(self) -> dict[str, dict[str, Any]]:
+        """05: the probes of every model `probes` names that this series has (the unpruned
+        model, finished pruning runs), by name; see `probes`."""
+        names = [n for n in probe_models(self.cfg.probes) if n == "unpruned" or n in self.finished_runs()]
+        return {n: self.probes(None if n == "unpruned" else n) for n in names}
+
+    def probes_table(self) -> pd.DataFrame:
+        """One row per probed model: code probe, membership AUCs, lm-eval accuracies."""
+        return tables.probes_table(self.probe_all())
+
     def probes(self, run: str | None = None, **options: Any) -> dict[str, Any]:
         """The code probe and membership inference (and, with `humaneval_execute=True`,
         HumanEval) of the unpruned model (`run` None) or of a pruning run's last step
@@ -320,15 +330,16 @@ class Series:
         run's folder (the series' for the unpruned model) and gathered into results.json.
         `options`: `experiment.probes.extra_metrics`'s."""
         rd = self.rd if run is None else RunDir(self.run_dir / run)
-        if rd.has(PROBES_FILE) and not options:
-            return rd.read_json(PROBES_FILE)
-        kwargs = {"code_dataset": self.cfg.forget, "batch_size": self.cfg.batch_size, **options}
+        kwargs = {"code_dataset": self.cfg.forget, "batch_size": self.cfg.batch_size,
+                  "lm_eval_tasks": self.cfg.lm_eval_tasks, "lm_eval_limit": self.cfg.lm_eval_limit, **options}
+        if rd.has(PROBES_FILE) and (stored := rd.read_json(PROBES_FILE)).get("options") == kwargs:
+            return stored  # made with the same options
         with restored(self.model):
             if run is not None:
                 if run_kind(run).method or not self.records(run):
                     raise SelpruneError(f"probes need a finished pruning run; {run!r} is not one in {self.run_dir}")
                 rd.replay(self.model)
-            out = extra_metrics(self.model, self.tokenizer, self.data, **kwargs)
+            out = {**extra_metrics(self.model, self.tokenizer, self.data, **kwargs), "options": kwargs}
         rd.write_json(PROBES_FILE, out)
         self.write_results()
         return out

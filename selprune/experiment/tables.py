@@ -92,3 +92,17 @@ def methods_table(runs: dict[str, list[dict[str, Any]]], relearned: dict[str, di
             row["recovered at end"] = idx["recovered_final"] if idx else None
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def probes_table(probes: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per probed model (`Series.probe_all`): the fraction of code-probe
+    continuations that parse, the membership-inference ROC AUCs (seen against held-out
+    forget windows: 0.5 is chance), and each lm-eval task's accuracy where run."""
+    rows = []
+    for name, p in probes.items():
+        row: dict[str, Any] = {"model": name, "code parses": p["code_probe"]["fraction"]}
+        row.update({f"MIA AUC {k}": v for k, v in p["membership"]["auc"].items()})
+        for task, m in (p.get("lm_eval") or {}).get("tasks", {}).items():
+            row[f"{task.removeprefix('selprune_')} acc"] = m.get("acc")
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -125,3 +125,22 @@ def test_probes_of_the_unpruned_model_and_a_pruning_runs_last_step_go_into_resul
     assert series.probes("ff") == json.loads((series.run_dir / "ff" / "probes.json").read_text()), "read back"
     with pytest.raises(SelpruneError, match="finished pruning run"):
         series.probes("ga", **small)
+
+
+def test_probe_all_takes_the_models_probes_names_and_feeds_table_and_leaderboard(series):
+    from selprune.experiment.leaderboard import probe_row
+    from selprune.experiment.runs import probe_models
+
+    want = [n for n in probe_models(series.cfg.probes) if n == "unpruned" or n in series.finished_runs()]
+    got = series.probe_all()
+    assert list(got) == want and "unpruned" in got and "ff" in got
+    table = series.probes_table()
+    assert list(table["model"]) == want
+    assert table.loc[table["model"] == "ff", "code parses"].item() == got["ff"]["code_probe"]["fraction"]
+    assert {"MIA AUC loss", "MIA AUC zlib", "MIA AUC mink++"} <= set(table.columns)
+    row = probe_row(got["ff"])
+    assert row["code_parses"] == got["ff"]["code_probe"]["fraction"] and row["mia_auc_minkpp"] == \
+        got["ff"]["membership"]["auc"]["mink++"]
+    assert probe_row(None) == {}
+    lm = {**got["ff"], "lm_eval": {"tasks": {"selprune_code_next_line": {"acc": 0.25}}}}
+    assert probe_row(lm)["lm_eval_code_next_line_acc"] == 0.25

@@ -402,3 +402,13 @@ def test_config_replace_keeps_the_rest():
     cfg = Config().replace(steps=3)
     assert cfg.steps == 3 and cfg.replace(steps=Config().steps) == Config()
     assert Config().steps != 3, "the replaced value must differ from the default for this test to mean anything"
+
+
+def test_probe_parameters_are_checked() -> None:
+    from selprune.experiment.config import resolve
+
+    assert resolve({"probes": "unpruned, ff", "lm_eval_limit": None}).lm_eval_limit is None
+    with pytest.raises(SelpruneError, match=r"probes='unpruned,ga' .*unpruned or pruning runs"):
+        resolve({"probes": "unpruned,ga"})
+    with pytest.raises(SelpruneError, match="lm_eval_limit=0 is below 1"):
+        resolve({"lm_eval_limit": 0})
