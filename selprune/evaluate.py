@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from selprune import distributed
 from selprune.data import Data
+from selprune.masked import evaluate_masked, is_masked_lm, mask_token_id
 from selprune.models import float64_device, input_device
 
 METRICS = ("top1", "top10", "top1_skip", "top10_skip", "loss", "perplexity")
@@ -79,7 +80,13 @@ def evaluate(
 
 
 def evaluate_both(model: nn.Module, data: Data, batch_size: int, progress: bool) -> dict[str, dict[str, float]]:
-    """Metrics of forget and retain on their test windows, each with its own skip set."""
+    """Metrics of forget and retain on their test windows, each with its own skip set:
+    next-token metrics for a causal LM, masked-token ones for a masked LM (`selprune.masked`)."""
+    if is_masked_lm(model):
+        mid = mask_token_id(model)
+        return {side: evaluate_masked(model, windows, mid, data.skip.get(side), batch_size, progress=progress,
+                                      desc=f"eval {side}")
+                for side, windows in (("forget", data.forget_test), ("retain", data.retain_test))}
     return {
         # a hand-made Data without skip sets: the skip metrics equal the plain ones
         "forget": evaluate(model, data.forget_test, data.skip.get("forget"), batch_size, progress, "eval forget"),

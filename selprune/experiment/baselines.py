@@ -31,6 +31,7 @@ from selprune.data import Data
 from selprune.errors import SelpruneError
 from selprune.experiment.config import FIELDS, Config, _bad, _check_type, stage_of
 from selprune.experiment.retrain import MAX_GRAD_NORM, _adamw, _batch_order, _evaluate_both
+from selprune.masked import require_causal
 from selprune.models import check_window
 from selprune.sites import KINDS, find_sites
 from selprune.unlearning import METHODS, Hyper, State, StepBatch, UnlearnMethod, rmu_layer_for
@@ -279,4 +280,5 @@ def unlearn(model: nn.Module, data: Data, cfg: Config, method: str, progress: bo
     `requires_grad` flag), RMU only its MLP output projections. Every hyperparameter is
     checked before any work; the model is left
     in eval mode, with its `requires_grad` flags and the caller's RNG state as they were."""
+    require_causal(model, f"the {method} baseline (a next-token loss)")
     return Unlearner(model, data, cfg, method).run(progress)

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from selprune import code_probe, harness, humaneval, membership
 from selprune.data import Data
+from selprune.masked import require_causal
 from selprune.texts import load_texts
 
 
@@ -45,6 +46,7 @@ def extra_metrics(model: nn.Module, tokenizer: PreTrainedTokenizerBase, data: Da
       otherwise {"skipped": why}. `humaneval_network=True` accepts running it on a
       system that cannot cut the programs off the network.
     """
+    require_causal(model, "the probes (generation and next-token likelihoods)")
     out: dict[str, Any] = {}
     texts = _documents(load_texts(code_dataset, "test"))  # read only as far as the prompts need
     out["code_probe"] = _timed(code_probe.code_probe, model, tokenizer, texts, code_prompts,

@@ -29,6 +29,7 @@ from selprune.data import Data
 from selprune.errors import SelpruneError
 from selprune.evaluate import evaluate_both
 from selprune.experiment.config import Config
+from selprune.masked import require_causal
 from selprune.sites import KINDS, NeuronSites, find_sites
 
 Masks = dict[str, torch.Tensor]  # kind -> bool mask of pruned neurons (ff [L, d_mlp], attn [L, H, d_head])
@@ -173,6 +174,7 @@ def retrain(model: nn.Module, masks: Masks | None, sites: NeuronSites | None, da
     Each step runs in train mode (dropout on, if the model has any), each evaluation in
     eval mode; the model is left in eval mode. The caller's RNG state is left untouched.
     """
+    require_causal(model, "relearning (the next-token loss)")
     windows = _train_windows(data.forget_train if train is None else train, cfg)  # [n, retrain_window]
     if masks is not None and sites is None:
         sites = find_sites(model)

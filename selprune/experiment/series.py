@@ -43,6 +43,7 @@ from selprune.experiment.results import PROBES_FILE, finished_runs, write_result
 from selprune.experiment.retrain import restored
 from selprune.experiment.rundir import RunDir, slug
 from selprune.experiment.runs import BASELINES, FLOOR, RUN_KINDS, probe_models, run_kind, runs_of_notebook
+from selprune.masked import is_masked_lm
 from selprune.models import check_window, load_model
 from selprune.prune import export_pruned
 from selprune.scoring import IMPORTANCE, score
@@ -316,6 +317,8 @@ class Series:
     def probe_all(self) -> dict[str, dict[str, Any]]:
         """05: the probes of every model `probes` names that this series has (the unpruned
         model, finished pruning runs), by name; see `probes`."""
+        if is_masked_lm(self.model):  # the probes generate and score next tokens: causal LMs only
+            return {}
         names = [n for n in probe_models(self.cfg.probes) if n == "unpruned" or n in self.finished_runs()]
         return {n: self.probes(None if n == "unpruned" else n) for n in names}
 

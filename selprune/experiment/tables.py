@@ -98,7 +98,7 @@ def probes_table(probes: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """One row per probed model (`Series.probe_all`): the fraction of code-probe
     continuations that parse, the membership-inference ROC AUCs (seen against held-out
     forget windows: 0.5 is chance), and each lm-eval task's accuracy where run."""
-    rows = []
+    rows = []  # none: an empty table (a masked LM is not probed)
     for name, p in probes.items():
         row: dict[str, Any] = {"model": name, "code parses": p["code_probe"]["fraction"]}
         row.update({f"MIA AUC {k}": v for k, v in p["membership"]["auc"].items()})
