@@ -43,6 +43,10 @@ _CHUNK_BYTES = 8 << 20  # on the CPU, float32 logits per chunk of rows (8 MiB: ~
 # a 49k one). Fewer rows per call cost speed: every call re-packs the whole head weight (on the
 # 262k config, 8 calls of 256 rows took 1.2x the time of one 2048-row call, 6 of 384 rows 0.95x).
 _HEAD_BYTES = 384 << 20
+# The most rows in one LM-head call: 1024 rows of a 49k vocabulary are 192 MiB, half of a whole
+# batch's logits, at the same speed (0.99x of one call per batch, measured on the default model);
+# 512 rows cost 7%. This is what keeps the pruning step's peak memory below the reference's.
+_MAX_HEAD_ROWS = 1024
 # The fewest rows in one LM-head call, unless the batch has fewer: on this MKL (2024.2, AVX-512)
 # a matmul of 1-3, 5-7 or 9-11 rows rounds differently from one of many rows (other kernels).
 _MIN_HEAD_ROWS = 16
@@ -122,7 +126,7 @@ def _logit_chunks(model: nn.Module, ids: torch.Tensor, parts: tuple[nn.Module, n
     `[batch, pos]`: chunks from the body's hidden states through the head when `parts` (of
     `_body_and_head`) is given, else one chunk, the full forward's logits.
 
-    Chunks have `_HEAD_BYTES` of float32 logits but at least `_MIN_HEAD_ROWS` rows (a short
+    Chunks have `_HEAD_BYTES` of float32 logits, at most `_MAX_HEAD_ROWS` and at least `_MIN_HEAD_ROWS` rows (a short
     last one joins the one before), or the whole batch if it has fewer rows: then every
     head call is a matmul of the same kind as the full forward's, and its logits the same bits.
     With `scratch`, the chunks are written into one buffer kept there (`_head_into`): the
@@ -134,7 +138,7 @@ def _logit_chunks(model: nn.Module, ids: torch.Tensor, parts: tuple[nn.Module, n
     body, head, cap = parts
     hidden = body(input_ids=ids, use_cache=False).last_hidden_state  # [batch, pos, d_model]
     hidden = hidden.reshape(-1, hidden.shape[-1])  # [batch * pos, d_model]
-    step = max(_MIN_HEAD_ROWS, _HEAD_BYTES // (4 * head.weight.shape[0]))
+    step = max(_MIN_HEAD_ROWS, min(_MAX_HEAD_ROWS, _HEAD_BYTES // (4 * head.weight.shape[0])))
     bounds = [*range(0, len(hidden), step), len(hidden)]
     if len(bounds) > 2 and bounds[-1] - bounds[-2] < _MIN_HEAD_ROWS:
         del bounds[-2]

@@ -94,3 +94,12 @@ def test_budget_below_one_window_is_refused(real_cache) -> None:
     proc = _run(["--tokens", "32", "--window", "64"], real_cache, timeout=300)
     assert proc.returncode == 2 and "below one window" in proc.stderr
     assert proc.stdout == ""
+
+
+def test_step_memory_mode_prints_one_steps_peak(real_cache) -> None:
+    proc = _run([*TINY, "--step-memory"], real_cache)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout)
+    assert result["tokens_per_dataset"] == 256 and result["peak_rss_mb"] >= result["rss_after_load_mb"] > 0
+    assert _positive(result["peak_anon_mb"]) and _positive(result["ru_maxrss_mb"])
+    assert set(result["seconds"]) == {"collect", "score", "prune", "eval"}
