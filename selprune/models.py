@@ -10,6 +10,9 @@ A model that cannot load (a damaged folder or file, custom code, a pickle torch 
 is a `SelpruneError` naming the fix (`selprune.model_files`); a damaged cache is converted
 again, and a conversion killed midway leaves nothing that outlives the next start.
 """
+# long module: the model registry and its loaders (packaged GGUF with its conversion cache, hub,
+# wheel folder, local directory) are one concept, sharing the cache, the locks and the load errors
+
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from selprune.errors import SelpruneError
-from selprune.experiment.runs import RUN_KINDS, parse_runs, probe_models
+from selprune.experiment.runs import RUN_KINDS, parse_runs, probe_models_problem
 from selprune.experiment.tracking import TRACKERS
 from selprune.prune import ABLATIONS
 from selprune.scoring import DEFAULT_EPS, IMPORTANCE, SCORES
@@ -67,13 +67,6 @@ def within(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False, h
 
 def positive(hint: str = "") -> Check:
     return lambda v: None if v is not None and math.isfinite(v) and v > 0 else f"must be a positive number{hint}"
-
-
-def _probe_models_problem(value: str) -> str | None:
-    pruning = [k for k, r in RUN_KINDS.items() if not r.method]
-    bad = [n for n in probe_models(value) if n != "unpruned" and n not in pruning]
-    return None if not bad else (f"names {bad}: the probes take unpruned or pruning runs "
-                                 f"({', '.join(pruning)}); fix the list")
 
 
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes [0, 2^63)
@@ -171,7 +164,7 @@ class Config:
     # probes beyond next-token accuracy (#17): selprune.experiment.probes
     probes: str = param("unpruned,ff,random", "models notebook 05 probes (the code probe, membership inference "
                         "and lm_eval_tasks): unpruned and pruning runs' last steps, comma-separated; empty: none",
-                        "probe", check=_probe_models_problem)
+                        "probe", check=probe_models_problem)
     lm_eval_tasks: str = param("", "lm-eval tasks of the probes, comma-separated: the shipped offline "
                                "selprune_code_next_line and selprune_prose_next_sentence, or lm-eval's own "
                                "(hellaswag, arc_easy, piqa, mmlu, wmdp_cyber: need a network); needs `pip install "

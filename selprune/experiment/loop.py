@@ -85,6 +85,8 @@ def lock_run(path: str | Path, cfg: Config, kind: RunKind) -> RunDir:
     return rd
 
 
+# long: open the run, replay its finished steps, step until done or stopped, saving each: one
+# sequence read top to bottom (collection, scoring, pruning and evaluation are helpers already)
 def run_pruning(cfg: Config, run: str, run_dir: str | Path, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                 data: Data | None = None, progress: bool = True, base: dict[str, Any] | None = None,
                 unpruned: tuple[ActivationStats, ActivationStats] | None = None,
@@ -96,13 +98,9 @@ def run_pruning(cfg: Config, run: str, run_dir: str | Path, model: nn.Module, to
     Record 0 is the unpruned model (metrics from `base` if given: the same data and model
     give the same numbers, so a series evaluates the unpruned model once). Each record:
     step, fractions pruned per kind, per-layer counts, metrics of forget and retain, and
-    seconds per phase.
-
-    `unpruned`: the unpruned model's (forget, retain) statistics on `data`'s collection
-    windows, if the caller has them (a series collects them once, in notebook 01): the
-    first collection of an iterative run and the one-shot collection use them instead of
-    running the model again. Sums over the same windows are the same, so the run is too;
-    the compute record still counts that collection, the method's cost."""
+    seconds per phase. `unpruned`: the unpruned model's (forget, retain) statistics on
+    `data`'s collection windows, if the caller has them (notebook 01's), used for the first
+    (or the one-shot) collection: the same sums, so the same run; its tokens still count."""
     kind = run_kind(run)
     validate(cfg, runs=[run], require_runs=False)
     check_window(model, cfg.window if data is None else data.forget_test.shape[-1])  # before the run directory
