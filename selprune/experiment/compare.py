@@ -72,6 +72,17 @@ def run_baseline(cfg: Config, run: str, run_dir: str | Path, model: nn.Module, d
     return records
 
 
+def reproduce_baseline(cfg: Config, run: str, model: nn.Module, data: Data, records: list[dict[str, Any]]) -> None:
+    """Train `model` in place into the baseline `run`'s output again (its weights are not
+    stored: the training is bit-for-bit reproducible on the same machine and threads), and
+    check that the curve comes out as recorded; anything else refuses to go on."""
+    again = unlearn(model, data, cfg, run_kind(run).method, progress=False)
+    same = [(r["forget"], r["retain"]) for r in again] == [(r["forget"], r["retain"]) for r in records]
+    if not same:
+        raise SelpruneError(f"the baseline {run!r} trained again does not reproduce its records (another machine, "
+                            "thread count or library version?); delete its folder and run it again")
+
+
 def relearn_pruned(run_dir: str | Path, model: nn.Module, after: After) -> dict[str, Any]:
     """`after` on the pruning run in `run_dir` replayed to its last step (pruned neurons
     held as the protocol says); the record is also written there. The model is put back."""

@@ -94,8 +94,7 @@ def probe_models(value: str) -> list[str]:
 
 
 def probe_models_problem(value: str) -> str | None:
-    """What is wrong with a `probes` value (None: fine): names that are not "unpruned" or a pruning run."""
-    pruning = [k for k, r in RUN_KINDS.items() if not r.method]
-    bad = [n for n in probe_models(value) if n != "unpruned" and n not in pruning]
-    return None if not bad else (f"names {bad}: the probes take unpruned or pruning runs "
-                                 f"({', '.join(pruning)}); fix the list")
+    """What is wrong with a `probes` value (None: fine): names that are not "unpruned" or a run kind."""
+    bad = [n for n in probe_models(value) if n != "unpruned" and n not in RUN_KINDS]
+    return None if not bad else (f"names {bad}: the probes take unpruned or runs ({', '.join(RUN_KINDS)}); "
+                                 "fix the list")

@@ -32,7 +32,7 @@ import torch
 from selprune.data import Data
 from selprune.errors import SelpruneError
 from selprune.evaluate import evaluate_both
-from selprune.experiment import explorer, tables, tracking
+from selprune.experiment import compare, explorer, tables, tracking
 from selprune.experiment.compare import RELEARN_FILE, After, relearn_after, relearn_pruned, run_baseline
 from selprune.experiment.config import DEFAULTS, FIELDS, Config, rename_aliases, resolve, stage_of, validate
 from selprune.experiment.loop import data_for, run_pruning
@@ -315,8 +315,7 @@ class Series:
 
     # ------------------------------------------------------ probes beyond accuracy
     def probe_all(self) -> dict[str, dict[str, Any]]:
-        """05: the probes of every model `probes` names that this series has (the unpruned
-        model, finished pruning runs), by name; see `probes`."""
+        """05: the probes of each model `probes` names that this series has, by name; see `probes`."""
         if is_masked_lm(self.model):  # the probes generate and score next tokens: causal LMs only
             return {}
         names = [n for n in probe_models(self.cfg.probes) if n == "unpruned" or n in self.finished_runs()]
@@ -328,8 +327,9 @@ class Series:
 
     def probes(self, run: str | None = None, **options: Any) -> dict[str, Any]:
         """The code probe and membership inference (and, with `humaneval_execute=True`,
-        HumanEval) of the unpruned model (`run` None) or of a pruning run's last step
-        (replayed, the model put back afterwards); stored once as `probes.json` in the
+        HumanEval) of the unpruned model (`run` None), a pruning run's last step (replayed)
+        or a baseline's output (trained again, checked against its records), the model put
+        back afterwards; stored once as `probes.json` in the
         run's folder (the series' for the unpruned model) and gathered into results.json.
         `options`: `experiment.probes.extra_metrics`'s."""
         rd = self.rd if run is None else RunDir(self.run_dir / run)
@@ -338,9 +338,11 @@ class Series:
         if rd.has(PROBES_FILE) and (stored := rd.read_json(PROBES_FILE)).get("options") == kwargs:
             return stored  # made with the same options
         with restored(self.model):
-            if run is not None:
-                if run_kind(run).method or not self.records(run):
-                    raise SelpruneError(f"probes need a finished pruning run; {run!r} is not one in {self.run_dir}")
+            if run is not None and not (records := self.records(run)):
+                raise SelpruneError(f"probes need a finished run; {run!r} is not one in {self.run_dir}")
+            if run is not None and run_kind(run).method:
+                compare.reproduce_baseline(self.cfg, run, self.model, self.data, records)
+            elif run is not None:
                 rd.replay(self.model)
             out = {**extra_metrics(self.model, self.tokenizer, self.data, **kwargs), "options": kwargs}
         rd.write_json(PROBES_FILE, out)

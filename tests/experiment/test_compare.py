@@ -123,8 +123,27 @@ def test_probes_of_the_unpruned_model_and_a_pruning_runs_last_step_go_into_resul
     assert set(results["probes"]) == {"unpruned", "ff"}
     assert results["probes"]["ff"]["membership"] == {k: v for k, v in ff["membership"].items() if k != "seconds"}
     assert series.probes("ff") == json.loads((series.run_dir / "ff" / "probes.json").read_text()), "read back"
-    with pytest.raises(SelpruneError, match="finished pruning run"):
-        series.probes("ga", **small)
+    with pytest.raises(SelpruneError, match="finished run"):
+        series.probes("npo", **small)  # not run in this series
+
+
+def test_probes_of_a_baseline_retrain_its_output_and_check_it(series, monkeypatch):
+    """A baseline's weights are not stored: its output is trained again, must reproduce the
+    recorded curve, and is probed; the model is put back."""
+    series.unlearn("ga")
+    before = _weights(series.model)
+    ga = series.probes("ga", code_prompts=2, code_tokens=8)
+    assert all(torch.equal(before[k], v) for k, v in series.model.state_dict().items())
+    unpruned = series.probes(code_prompts=2, code_tokens=8)
+    assert ga["membership"]["mean_score"] != unpruned["membership"]["mean_score"]  # another model was probed
+    import selprune.experiment.compare as compare
+
+    real = compare.unlearn
+    monkeypatch.setattr(compare, "unlearn", lambda m, d, cfg, method, progress: real(
+        m, d, cfg.replace(unlearn_lr=cfg.unlearn_lr * 2), method, progress))
+    (series.run_dir / "ga" / "probes.json").unlink()
+    with pytest.raises(SelpruneError, match="does not reproduce its records"):
+        series.probes("ga", code_prompts=2, code_tokens=8)
 
 
 def test_probe_all_takes_the_models_probes_names_and_feeds_table_and_leaderboard(series):

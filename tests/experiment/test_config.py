@@ -408,7 +408,8 @@ def test_probe_parameters_are_checked() -> None:
     from selprune.experiment.config import resolve
 
     assert resolve({"probes": "unpruned, ff", "lm_eval_limit": None}).lm_eval_limit is None
-    with pytest.raises(SelpruneError, match=r"probes='unpruned,ga' .*unpruned or pruning runs"):
-        resolve({"probes": "unpruned,ga"})
+    assert resolve({"probes": "unpruned,ga"}).probes == "unpruned,ga"  # a baseline's output too
+    with pytest.raises(SelpruneError, match=r"probes='unpruned,fff' .*unpruned or runs"):
+        resolve({"probes": "unpruned,fff"})
     with pytest.raises(SelpruneError, match="lm_eval_limit=0 is below 1"):
         resolve({"lm_eval_limit": 0})
