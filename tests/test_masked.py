@@ -34,10 +34,11 @@ def masked_lm(family: str, seed: int = 0) -> torch.nn.Module:
     cfg_cls, model_cls, kw = MASKED[family]
     torch.manual_seed(seed)
     model = model_cls(cfg_cls(**{**_COMMON, **kw}))
+    gen = torch.Generator().manual_seed(seed)  # not hash(name): Python salts str hashes per process
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "LayerNorm" not in name and "layer_norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(hash(name) % 2**31)) * 0.3)
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     return model.eval()
 
 
