@@ -367,7 +367,10 @@ def test_parallel_options_are_checked_before_anything_runs(tmp_path, monkeypatch
 
 def test_workers_split_the_cores_between_them(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    # both variables through monkeypatch, so that both are put back: a MKL_NUM_THREADS=1 left in
+    # this process's environment would reach every notebook kernel nbval starts later (1 thread)
     monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    monkeypatch.setenv("MKL_NUM_THREADS", "8")
     threads = torch.get_num_threads()
     try:
         assert [sweep.split_threads(n) for n in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
