@@ -74,7 +74,7 @@ def evaluate_masked(model: nn.Module, windows: torch.Tensor, mask_id: int, skip_
     """Metrics over the masked positions of `windows` (`[n, window]` token ids); the keys of
     `selprune.evaluate.evaluate`. The model runs in eval mode and is left as it was."""
     mask = mask_positions(tuple(windows.shape), frac, seed)  # [n, window]
-    skip = set() if skip_ids is None else {int(t) for t in skip_ids}
+    skip = torch.empty(0, dtype=torch.long) if skip_ids is None else skip_ids.reshape(-1).long()
     was_training = model.training
     model.eval()
     device = input_device(model)
@@ -92,8 +92,7 @@ def evaluate_masked(model: nn.Module, windows: torch.Tensor, mask_id: int, skip_
                 top10 = rows.topk(min(10, rows.shape[-1]), dim=-1).indices  # [masked, 10]
                 hit1 = top10[:, 0] == target
                 hit10 = (top10 == target[:, None]).any(-1)
-                keep = torch.tensor([int(t) not in skip for t in target.tolist()], dtype=torch.bool,
-                                    device=rows.device)
+                keep = ~torch.isin(target, skip.to(target.device))  # [masked]: not a skip target
                 loss_sum -= float(torch.log_softmax(rows, -1).gather(1, target[:, None]).double().sum())
                 n += len(target)
                 counts += torch.stack([hit1.sum(), hit10.sum(), keep.sum(), (hit1 & keep).sum(),
