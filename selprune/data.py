@@ -20,17 +20,33 @@ EVAL_SEED = 0  # the test windows' order: one fixed evaluation set for every see
 
 @dataclass
 class Data:
-    """Token windows `[n, window]` of both datasets, and each one's skip token ids."""
+    """Token windows `[n, window]` of both datasets, and each one's skip token ids.
+
+    For an image classifier (`selprune.vision`) the "windows" are images: pixel values
+    `[n, C, h, w]`, with the test images' class `labels` per side and the tokens each image
+    puts through the encoder (`tokens_per_item`); there are no skip sets."""
 
     forget_train: torch.Tensor
     retain_train: torch.Tensor
     forget_test: torch.Tensor
     retain_test: torch.Tensor
     skip: dict[str, torch.Tensor] = field(default_factory=dict)
+    labels: dict[str, torch.Tensor] = field(default_factory=dict)  # images only: "forget"/"retain" -> [n_test]
+    tokens_per_item: int | None = None  # images only: patches (+ CLS) per image
+
+    @property
+    def is_images(self) -> bool:
+        return self.tokens_per_item is not None
+
+    def tokens(self, windows: torch.Tensor) -> int:
+        """Tokens that `windows` (one of this data's sets) put through the model."""
+        return windows.numel() if self.tokens_per_item is None else len(windows) * self.tokens_per_item
 
     def with_eval_windows(self, n: int) -> Data:
         """The same data with only the first `n` test windows of each set (cheaper evaluations)."""
-        return Data(self.forget_train, self.retain_train, self.forget_test[:n], self.retain_test[:n], self.skip)
+        labels = {side: y[:n] for side, y in self.labels.items()}
+        return Data(self.forget_train, self.retain_train, self.forget_test[:n], self.retain_test[:n], self.skip,
+                    labels, self.tokens_per_item)
 
 
 def prepare_data(tokenizer: PreTrainedTokenizerBase, *, forget: str, retain: str, window: int,

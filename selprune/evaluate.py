@@ -36,6 +36,7 @@ from selprune import distributed
 from selprune.data import Data
 from selprune.masked import evaluate_masked, is_masked_lm, mask_token_id
 from selprune.models import float64_device, input_device
+from selprune.vision import evaluate_classes
 
 METRICS = ("top1", "top10", "top1_skip", "top10_skip", "loss", "perplexity")
 _CHUNK_BYTES = 8 << 20  # on the CPU, float32 logits per chunk of rows (8 MiB: ~40 rows of a 49k vocabulary)
@@ -85,7 +86,11 @@ def evaluate(
 
 def evaluate_both(model: nn.Module, data: Data, batch_size: int, progress: bool) -> dict[str, dict[str, float]]:
     """Metrics of forget and retain on their test windows, each with its own skip set:
-    next-token metrics for a causal LM, masked-token ones for a masked LM (`selprune.masked`)."""
+    next-token metrics for a causal LM, masked-token ones for a masked LM (`selprune.masked`),
+    per-class accuracy for an image classifier's images (`selprune.vision`)."""
+    if data.is_images:
+        return {side: evaluate_classes(model, images, data.labels[side], batch_size, progress, f"eval {side}")
+                for side, images in (("forget", data.forget_test), ("retain", data.retain_test))}
     if is_masked_lm(model):
         mid = mask_token_id(model)
         return {side: evaluate_masked(model, windows, mid, data.skip.get(side), batch_size, progress=progress,

@@ -36,10 +36,14 @@ def is_masked_lm(model: nn.Module) -> bool:
 
 def require_causal(model: nn.Module, what: str) -> None:
     """Refuse work that only a causal LM can do (next-token training losses, generation)."""
-    if is_masked_lm(model):
-        raise SelpruneError(f"{what} needs a causal LM; {type(model).__name__} is a masked LM. For masked LMs "
-                            "selprune does statistics, scoring, pruning (runs ff, random, attn, attn_heads, both), "
-                            "masked-token evaluation and export")
+    name = type(model).__name__
+    kind = "a masked LM" if is_masked_lm(model) else "an image classifier" if \
+        name.endswith("ForImageClassification") else None
+    if kind is not None:
+        evaluation = "masked-token" if is_masked_lm(model) else "per-class accuracy"
+        raise SelpruneError(f"{what} needs a causal LM; {name} is {kind}. For it selprune does statistics, "
+                            "scoring, pruning (runs ff, random, attn, attn_heads, both), "
+                            f"{evaluation} evaluation and export")
 
 
 def mask_positions(shape: tuple[int, int], frac: float = MASK_FRACTION, seed: int = 0) -> torch.Tensor:

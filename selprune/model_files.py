@@ -45,6 +45,12 @@ def check_model_dir(path: Path) -> dict[str, Any]:
                                                     f"for model_type {config.get('model_type')!r}"))
     if not any((path / f).is_file() for f in WEIGHT_FILES):
         raise SelpruneError(f"{path} has no weights ({', '.join(WEIGHT_FILES)}); {_RECOPY}")
+    if any(str(a).endswith("ForImageClassification") for a in config.get("architectures") or []):
+        if not (path / "preprocessor_config.json").is_file():
+            raise SelpruneError(f"{path} is an image classifier without preprocessor_config.json (its image size, "
+                                "mean and std); save its image processor there: "
+                                f"AutoImageProcessor.from_pretrained(ORIGINAL).save_pretrained('{path}')")
+        return config
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise SelpruneError(
             f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...), and selprune needs the model's "

@@ -32,7 +32,9 @@ import torch
 from filelock import FileLock
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModelForCausalLM,
+    AutoModelForImageClassification,
     AutoModelForMaskedLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -237,11 +239,17 @@ LOADERS: dict[str, Callable[..., tuple[PreTrainedModel, PreTrainedTokenizerBase]
 }
 
 
+# the head an `architectures` entry ends with -> the auto class that loads it; anything else is a causal LM
+_AUTO_CLASSES = {"ForMaskedLM": AutoModelForMaskedLM, "ForImageClassification": AutoModelForImageClassification}
+
+
 def auto_class(config: Any) -> type:
     """The transformers auto class of a model config: masked LMs (`*ForMaskedLM` in its
-    `architectures`) load as such, everything else as a causal LM."""
+    `architectures`) and image classifiers (`*ForImageClassification`) load as such,
+    everything else as a causal LM."""
     names = getattr(config, "architectures", None) or []
-    return AutoModelForMaskedLM if any(n.endswith("ForMaskedLM") for n in names) else AutoModelForCausalLM
+    return next((cls for end, cls in _AUTO_CLASSES.items() if any(n.endswith(end) for n in names)),
+                AutoModelForCausalLM)
 
 
 def _load_dir(path: Path, *, gguf_file: str | None = None, **kw: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -250,8 +258,10 @@ def _load_dir(path: Path, *, gguf_file: str | None = None, **kw: Any) -> tuple[P
     else:
         check_model_dir(path)
     with load_errors(str(path / gguf_file) if gguf_file else str(path)):
-        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=False)
         cls = AutoModelForCausalLM if gguf_file else auto_class(AutoConfig.from_pretrained(path))
+        # an image classifier's "tokenizer" is its image processor (selprune.vision)
+        tok = AutoImageProcessor.from_pretrained(path) if cls is AutoModelForImageClassification else \
+            AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=False)
         model = cls.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=False, **kw)
     if gguf_file:
         _drop_gguf_quantizer(model)
@@ -368,7 +378,7 @@ def load_model(
     if device_map is None:
         model.to(dev)
     model.eval()
-    if tok.pad_token_id is None:  # windows may be padded; any id works since masks exclude it
+    if isinstance(tok, PreTrainedTokenizerBase) and tok.pad_token_id is None:  # windows may be padded; any id works since masks exclude it
         tok.pad_token = tok.eos_token
     if getattr(tok, "mask_token_id", None) is not None and type(model).__name__.endswith("ForMaskedLM"):
         model.config.mask_token_id = tok.mask_token_id  # masked-token evaluation reads it from the model

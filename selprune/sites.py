@@ -1,4 +1,4 @@
-"""Neuron sites: where the FF and attention neurons of a causal or masked LM live.
+"""Neuron sites: where the FF and attention neurons of a causal or masked LM (or a ViT) live.
 
 A neuron is one input channel of an output projection (docs/method.md, "Neurons"):
 - FF neuron j of layer l: channel j of the input of block l's FFN output projection,
@@ -59,6 +59,9 @@ ARCHITECTURES: dict[str, ArchSites] = {
     "camembert": _BERT_LIKE,
     "electra": _BERT_LIKE,
     "distilbert": ArchSites("ffn.lin2", "attention.out_lin"),
+    # vision transformers (selprune.vision), over patch tokens (transformers 5's layout)
+    "vit": ArchSites("mlp.fc2", "attention.o_proj"),
+    "deit": ArchSites("mlp.fc2", "attention.o_proj"),
 }
 # model types whose layout the neuron definition does not fit, and why
 UNSUPPORTED: dict[str, str] = {

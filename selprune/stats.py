@@ -294,7 +294,8 @@ def collect_stats(
     progress: bool = True,
     desc: str = "collect",
 ) -> ActivationStats:
-    """Run `windows` (`[n, window]` token ids) through the model and return the statistics.
+    """Run `windows` (`[n, window]` token ids, or an image classifier's pixel values
+    `[n, C, h, w]`) through the model and return the statistics.
 
     Only the transformer body runs (no LM head: statistics need no logits). `removed`
     maps kind to a bool mask of pruned neurons, which read as zero. `batch_size` windows
@@ -311,8 +312,11 @@ def collect_stats(
     try:
         with torch.inference_mode(), collector:
             for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
-                ids = windows[start : start + batch_size].to(device)  # [batch, pos]
-                body(input_ids=ids, use_cache=False)
+                batch = windows[start : start + batch_size].to(device)
+                if batch.is_floating_point():  # an image classifier's pixel values [batch, C, h, w]
+                    body(pixel_values=batch)
+                else:  # token ids [batch, pos]
+                    body(input_ids=batch, use_cache=False)
     finally:
         model.train(was_training)
     return collector.result(meta, sum_over_ranks=distributed.is_active())

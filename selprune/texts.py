@@ -23,6 +23,7 @@ import datasets
 from selprune.errors import SelpruneError
 from selprune.models import hub_reachable
 from selprune.paths import data_dir
+from selprune.vision import is_image_spec, parse_image_spec
 from selprune.windows import adds_bos, token_windows, top_tokens  # noqa: F401 - part of this module's API since 0.1
 
 SPLITS = ("train", "test")
@@ -178,6 +179,9 @@ def check_dataset_spec(spec: str) -> None:
     """Refuse, without reading anything, a spec that names no dataset (a run fails early),
     and a folder that cannot be one (`check_dataset_folder`)."""
     if spec in DATASETS or spec.startswith("hub:"):
+        return
+    if is_image_spec(spec):  # image:DATASET:CLASSES (selprune.vision)
+        parse_image_spec(spec)
         return
     path = Path(spec).expanduser()
     if path.is_dir():

@@ -28,6 +28,7 @@ from selprune.experiment.tracking import TRACKERS
 from selprune.prune import ABLATIONS
 from selprune.scoring import DEFAULT_EPS, IMPORTANCE, SCORES
 from selprune.select import HEAD_REDUCERS
+from selprune.vision import check_image_pair
 
 # stage -> what it is; each parameter belongs to one, and each command uses some stages
 STAGES = {
@@ -77,8 +78,8 @@ class Config:
     """Every parameter of a series, a pruning run or a sweep point (see the module docstring)."""
 
     model: str = param("smollm2-135m", "model shortcut, local HF directory, .gguf file, or hub id", "setup")
-    forget: str = param("code", "dataset whose capability to remove (bundled name, local path, or hub:ORG/NAME)",
-                        "data")
+    forget: str = param("code", "dataset whose capability to remove (bundled name, local path, or hub:ORG/NAME; "
+                        "for an image classifier image:DATASET:CLASSES, e.g. image:fashion-mnist:0)", "data")
     retain: str = param("prose", "dataset whose capability to keep", "data")
     ff_frac: float = param(0.02, "fraction of all FF neurons pruned per step", "prune",
                            check=within(0, 1, hi_open=True, hint="; use e.g. 0.02 for 2% per step"))
@@ -318,6 +319,7 @@ def _check_type(name: str, value: Any) -> None:
 def _check_relations(cfg: Config, runs: list[str]) -> None:
     if cfg.forget == cfg.retain:
         raise SelpruneError(f"forget and retain are both {cfg.forget!r}; pick two different datasets")
+    check_image_pair(cfg.forget, cfg.retain)
     for kind in sorted({k for r in runs for k in RUN_KINDS[r].kinds}):
         frac = getattr(cfg, f"{kind}_frac")
         if frac <= 0:

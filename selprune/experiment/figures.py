@@ -50,11 +50,13 @@ def plot_leaderboard(rows: list[dict[str, Any]]):
 
 
 @themed
-def plot_frontier(curves: dict[str, list[dict[str, Any]]], floor: set[str] = frozenset()):
+def plot_frontier(curves: dict[str, list[dict[str, Any]]], floor: set[str] = frozenset(),
+                  styles: dict[str, dict[str, Any]] | None = None):
     """Forget drop against retain drop along each run (relative top-1, step by step): the
     headline is where a curve crosses the 10% line; the whole curve shows whether a recipe
     that loses there wins at other amounts of collateral damage, and how far above the
-    random floor (`floor`: the labels drawn dashed) each one runs."""
+    random floor (`floor`: the labels drawn dashed) each one runs. `styles`: matplotlib line
+    options per label (e.g. one colour for a group of curves)."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.8))
@@ -64,7 +66,7 @@ def plot_frontier(curves: dict[str, list[dict[str, Any]]], floor: set[str] = fro
         retain_drop, forget_drop = 1 - c["retain"], 1 - c["forget"]
         right = max(right, float(retain_drop.max()))
         ax.plot(retain_drop, forget_drop, marker=".", lw=1.2, label=label,
-                **({"ls": "--", "color": "0.45"} if label in floor else {}))
+                **({"ls": "--", "color": "0.45"} if label in floor else {}), **(styles or {}).get(label, {}))
     ax.axvline(0.10, color="black", lw=0.8, ls=":", label="headline: 10% retain drop")
     ax.set(xlabel="retain top-1 drop (relative to unpruned)", ylabel="forget top-1 drop (relative to unpruned)",
            xlim=(-0.01, min(right, 1.0) + 0.01), ylim=(-0.02, 1.0), title="Forget against retain damage, per run")

@@ -48,6 +48,7 @@ from selprune.select import select
 from selprune.selectivity import should_stop
 from selprune.sites import KINDS, NeuronSites, find_sites
 from selprune.stats import ActivationStats, collect_stats
+from selprune.vision import is_image_spec, prepare_image_data
 
 RUN_STAGES = ("setup", "data", "score", "prune")  # the parameters that define a pruning run's results
 RERUN_SAFE = ("batch_size", "device")  # they change speed, not results
@@ -55,8 +56,14 @@ RUN_FORMAT = 2  # config.json layout: 2 = the parameter schema's names
 PROGRESS_ADDR_ENV = "SELPRUNE_PROGRESS_ADDR"  # set by `selprune run` for its kernels (announce_step)
 
 
-def data_for(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> Data:
-    """The collection and evaluation windows that `cfg` asks for."""
+def data_for(cfg: Config, tokenizer: PreTrainedTokenizerBase, model: nn.Module | None = None) -> Data:
+    """The collection and evaluation windows that `cfg` asks for: token windows, or the
+    images of an image experiment (`tokenizer` is then the model's image processor)."""
+    if is_image_spec(cfg.forget):
+        if model is None:
+            raise SelpruneError("an image experiment needs the model (its image size and channels) to prepare images")
+        return prepare_image_data(tokenizer, model.config, forget=cfg.forget, retain=cfg.retain,
+                                  collect_tokens=cfg.collect_tokens, eval_tokens=cfg.eval_tokens, seed=cfg.seed)
     return prepare_data(tokenizer, forget=cfg.forget, retain=cfg.retain, window=cfg.window,
                         collect_tokens=cfg.collect_tokens, eval_tokens=cfg.eval_tokens, skip_k=cfg.skip_k,
                         seed=cfg.seed)
@@ -103,7 +110,8 @@ def run_pruning(cfg: Config, run: str, run_dir: str | Path, model: nn.Module, to
     (or the one-shot) collection: the same sums, so the same run; its tokens still count."""
     kind = run_kind(run)
     validate(cfg, runs=[run], require_runs=False)
-    check_window(model, cfg.window if data is None else data.forget_test.shape[-1])  # before the run directory
+    if not is_image_spec(cfg.forget):  # before the run directory; an image's tokens are the model's own
+        check_window(model, cfg.window if data is None else data.forget_test.shape[-1])
     torch.manual_seed(cfg.seed)
     sites = find_sites(model)
     pruner = Pruner(model, sites)
@@ -121,7 +129,7 @@ def run_pruning(cfg: Config, run: str, run_dir: str | Path, model: nn.Module, to
 
     records, finished = distributed.on_main(open_run)
     track = for_pruning(cfg, run, run_dir)  # experiment tracking (#17): nothing with tracker=none
-    data = data or data_for(cfg, tokenizer)
+    data = data or data_for(cfg, tokenizer, model)
     fixed = None  # one-shot: the scores of the unpruned model, collected before any replay
     first = ComputeMeter(next(model.parameters()).device)  # the one-shot collection: step 1's compute
     if cfg.prune_mode == "one-shot" and not kind.random:
@@ -220,9 +228,9 @@ def _check_reusable(stats: tuple[ActivationStats, ActivationStats], data: Data, 
     token counts tell), with a histogram where peak ablation needs one: anything else is a
     caller's mistake that would silently score other text."""
     for st, windows, side in zip(stats, (data.forget_train, data.retain_train), ("forget", "retain"), strict=True):
-        if st.n_tokens != windows.numel():
+        if st.n_tokens != data.tokens(windows):
             raise SelpruneError(f"the given unpruned {side} statistics count {st.n_tokens} tokens, the run's "
-                                f"collection windows {windows.numel()}: pass statistics of the same data, or none")
+                                f"collection windows {data.tokens(windows)}: pass statistics of the same data, or none")
         if hist and not st.hist:
             raise SelpruneError("peak ablation needs statistics with a histogram: collect them with hist_bins > 0")
 
@@ -230,7 +238,7 @@ def _check_reusable(stats: tuple[ActivationStats, ActivationStats], data: Data, 
 def _collected_tokens(data: Data) -> int:
     """Tokens through one collection: every position of both datasets' collection windows
     (the transformer body only, no LM head: counted as full-depth forward passes)."""
-    return data.forget_train.numel() + data.retain_train.numel()
+    return data.tokens(data.forget_train) + data.tokens(data.retain_train)
 
 
 def _add_compute(before: dict[str, Any] | None, *meters: ComputeMeter | None) -> dict[str, Any]:
