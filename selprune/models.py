@@ -268,6 +268,9 @@ def _load_dir(path: Path, *, gguf_file: str | None = None, **kw: Any) -> tuple[P
     return model, tok
 
 
+_PADDED_POSITIONS = ("roberta", "xlm-roberta", "camembert")  # model types whose positions count from pad_token_id + 1
+
+
 def max_positions(model: torch.nn.Module) -> int | None:
     """The most tokens the model takes in one window (its config's position limit), or None."""
     config = getattr(model, "config", None)
@@ -275,7 +278,9 @@ def max_positions(model: torch.nn.Module) -> int | None:
     for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+            # RoBERTa-like position ids start after the padding id: 514 positions hold 512 tokens
+            offset = config.pad_token_id + 1 if getattr(config, "model_type", "") in _PADDED_POSITIONS else 0
+            return value - offset
     return None
 
 
@@ -305,9 +310,8 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
 def _load_hub_id(repo_id: str, **kw: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     with load_errors(repo_id):
         try:  # already in the local Hugging Face cache: no network needed
-            tok = AutoTokenizer.from_pretrained(repo_id, local_files_only=True, trust_remote_code=False)
-            model = AutoModelForCausalLM.from_pretrained(repo_id, local_files_only=True, trust_remote_code=False, **kw)
-            return model, tok
+            cls = auto_class(AutoConfig.from_pretrained(repo_id, local_files_only=True, trust_remote_code=False))
+            return _from_hub(cls, repo_id, local_files_only=True, **kw)
         except OSError:
             pass
         if not hub_reachable():
@@ -317,9 +321,15 @@ def _load_hub_id(repo_id: str, **kw: Any) -> tuple[PreTrainedModel, PreTrainedTo
                 f"(`huggingface-cli download {repo_id} --local-dir DIR`) and pass the local directory "
                 "DIR instead, or use the embedded default 'smollm2-135m'."
             )
-        tok = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(repo_id, trust_remote_code=False, **kw)
-    return model, tok
+        return _from_hub(auto_class(AutoConfig.from_pretrained(repo_id, trust_remote_code=False)), repo_id, **kw)
+
+
+def _from_hub(cls: type, repo_id: str, **kw: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A hub model by its auto class (`auto_class`: a masked LM or an image classifier is
+    loaded as one), with its tokenizer or image processor."""
+    local = {"local_files_only": kw.pop("local_files_only", False), "trust_remote_code": False}
+    proc = AutoImageProcessor if cls is AutoModelForImageClassification else AutoTokenizer
+    return cls.from_pretrained(repo_id, **local, **kw), proc.from_pretrained(repo_id, **local)
 
 
 def model_spec_kind(spec: str) -> str:

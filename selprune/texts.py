@@ -48,8 +48,10 @@ DATASETS: dict[str, TextSource] = {
     "code": TextSource("bundled", "code", description="CPython 3.11.7 standard library, one document a file"),
     # The paper's sets, for users with a network.
     "pile": TextSource(
-        "hub", "nickypro/minipile", description="MiniPile without its GitHub part (paper's retain set)"
+        "hub", "nickypro/minipile", description="MiniPile (the paper's retain set; its GitHub documents are not "
+        "filtered out here, unlike the paper's pile_codeless)"
     ),
+    # one hub split for both of ours: `load_texts` splits it by document (`is_test_document` of the text)
     "github-code": TextSource(
         "hub", "codeparrot/github-code-clean", config="all-all", text_field="code",
         splits={"train": "train", "test": "train"}, description="GitHub code, all languages",
@@ -168,7 +170,10 @@ def load_texts(
         src = DATASETS[spec]
         if src.kind == "bundled":
             return _load_bundled(src, split)
-        return _load_hub(src.path, src.config, src.splits[split], text_field or src.text_field)
+        ds = _load_hub(src.path, src.config, src.splits[split], text_field or src.text_field)
+        if src.splits["train"] == src.splits["test"]:  # one hub split serves both: split it by document
+            ds = ds.filter(lambda doc: is_test_document(doc["text"]) == (split == "test"))
+        return ds
     if spec.startswith("hub:"):
         parts = spec[4:].split(":")
         return _load_hub(parts[0], parts[1] if len(parts) > 1 else None, split, text_field or "text")

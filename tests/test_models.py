@@ -427,6 +427,14 @@ def test_max_positions_reads_each_familys_limit():
     assert models.max_positions(tiny_model("opt", max_position_embeddings=80)) == 80
     assert models.max_positions(tiny_gemma3_multimodal()) == 128  # the language model's, inside the wrapper
     assert models.max_positions(torch.nn.Linear(2, 2)) is None
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    roberta = RobertaForMaskedLM(RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                               intermediate_size=32, max_position_embeddings=34, pad_token_id=1))
+    assert models.max_positions(roberta) == 32  # positions start after the padding id
+    roberta(input_ids=torch.full((1, 32), 5))  # the limit runs; one more token would not
+    with pytest.raises((IndexError, RuntimeError)):
+        roberta(input_ids=torch.full((1, 33), 5))
     models.check_window(tiny_model("gpt2", n_positions=64), 64)  # the limit itself is fine
     with pytest.raises(SelpruneError, match=r"window 65 is longer than the model's context: GPT2LMHeadModel takes "
                                             r"at most 64 positions"):

@@ -232,6 +232,26 @@ def test_hub_presets_registered_apart_from_bundled():
     assert DATASETS["github-code"].text_field == DATASETS["github-python"].text_field == "code"
 
 
+def test_a_hub_set_with_one_split_is_split_by_document(restore_datasets, monkeypatch):
+    """github-code's hub copy has only a train split: our train and test must not share a
+    document (before, test read the same stream as train)."""
+    docs = [f"def f{i}():\n    return {i}\n" for i in range(200)]
+    seen = []
+
+    def fake_hub(path, config, split, text_field):
+        seen.append(split)
+        return datasets.Dataset.from_dict({"text": docs}).to_iterable_dataset()
+
+    monkeypatch.setattr(texts, "_load_hub", fake_hub)
+    register_dataset("one-split", TextSource("hub", "org/one", splits={"train": "train", "test": "train"}))
+    train = [d["text"] for d in load_texts("one-split", "train")]
+    test = [d["text"] for d in load_texts("one-split", "test")]
+    assert seen == ["train", "train"] and not set(train) & set(test)
+    assert sorted(train + test) == sorted(docs) and 5 <= len(test) <= 40  # ~10% by the hash rule
+    register_dataset("two-splits", TextSource("hub", "org/two"))
+    assert [d["text"] for d in load_texts("two-splits", "test")] == docs  # a real test split is read whole
+
+
 def test_register_dataset_refuses_to_shadow(restore_datasets):
     with pytest.raises(SelpruneError, match="already exists"):
         register_dataset("prose", TextSource("hub", "someorg/prose"))

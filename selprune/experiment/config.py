@@ -245,13 +245,14 @@ def rename_aliases(given: dict[str, Any], warn: Callable[[str], None] | None = N
 
 # ------------------------------------------------------------------------- validation
 def resolve(given: dict[str, Any] | None = None, preset: str | None = None, *, allow: set[str] | None = None,
-            require_runs: bool = True, relearn: bool = False) -> Config:
+            require_runs: bool = True, relearn: bool = False, check_device: bool = True) -> Config:
     """A validated `Config` from user input: old names renamed, unknown names refused,
     defaults < `preset` < `given`, every value coerced to its field's type and checked.
 
     `allow` limits the names accepted (a command that has no use for some); the error
     then names the command that does. `relearn`: also check the rules that only
-    retraining needs (see `validate`)."""
+    retraining needs (see `validate`). `check_device=False` checks the device's name but not
+    that this machine has it (a sweep file read where its points do not run)."""
     given = rename_aliases(dict(given or {}))
     unknown = sorted(set(given) - set(FIELDS))
     if unknown:
@@ -270,7 +271,7 @@ def resolve(given: dict[str, Any] | None = None, preset: str | None = None, *, a
     from selprune.experiment.param_args import coerce_value
 
     cfg = Config(**{name: coerce_value(name, value, HINTS[name]) for name, value in merged.items()})
-    validate(cfg, require_runs=require_runs, relearn=relearn)
+    validate(cfg, require_runs=require_runs, relearn=relearn, check_device=check_device)
     return cfg
 
 
@@ -278,7 +279,8 @@ def _bad(name: str, value: Any, problem: str) -> SelpruneError:
     return SelpruneError(f"{name}={value!r} {problem}")
 
 
-def validate(cfg: Config, runs: list[str] | None = None, require_runs: bool = True, relearn: bool = False) -> None:
+def validate(cfg: Config, runs: list[str] | None = None, require_runs: bool = True, relearn: bool = False,
+             check_device: bool = True) -> None:
     """Check every field, then the rules between fields; the first problem is raised.
 
     `runs`: the pruning runs that will be done (default: `cfg.active_runs()`); the
@@ -303,7 +305,7 @@ def validate(cfg: Config, runs: list[str] | None = None, require_runs: bool = Tr
     _check_relations(cfg, runs)
     if relearn and cfg.retrain_window > cfg.window:
         raise _bad("retrain_window", cfg.retrain_window, f"is longer than window ({cfg.window}); lower it")
-    _check_resources(cfg)
+    _check_resources(cfg, check_device)
 
 
 def _check_type(name: str, value: Any) -> None:
@@ -333,7 +335,7 @@ def _check_relations(cfg: Config, runs: list[str]) -> None:
             raise _bad(name, getattr(cfg, name), f"is below one window ({cfg.window} tokens); raise it or lower window")
 
 
-def _check_resources(cfg: Config) -> None:
+def _check_resources(cfg: Config, check_device: bool = True) -> None:
     """The model and datasets exist (without loading them), dtype and device are usable."""
     from selprune.models import model_spec_kind, resolve_device, resolve_dtype
     from selprune.texts import check_dataset_spec
@@ -343,4 +345,5 @@ def _check_resources(cfg: Config) -> None:
         check_dataset_spec(getattr(cfg, side))
     if cfg.dtype != "auto":  # "auto" is resolved with the model's device
         resolve_dtype(cfg.dtype)
-    resolve_device(cfg.device)
+    if check_device or not cfg.device.startswith(("cuda", "mps")):  # a misspelt name is refused anyway
+        resolve_device(cfg.device)

@@ -299,8 +299,10 @@ def _seeds(raw: Any, source: str) -> list[int] | None:
 
 def _check_point(given: dict[str, Any], preset: str | None, relearn: bool, where: str) -> Config:
     """Resolve and check one point's parameters without loading anything heavy (with
-    `relearn`, the retraining rules too)."""
+    `relearn`, the retraining rules too). Whether this machine has the point's device is
+    left to where the point runs: a GPU sweep is planned (`--dry-run`) or submitted to a
+    cluster from a machine without one; each point checks its device when it starts."""
     try:
-        return resolve(given, preset, relearn=relearn)
+        return resolve(given, preset, relearn=relearn, check_device=False)
     except SelpruneError as e:
         raise SelpruneError(f"{where}: {e}") from e

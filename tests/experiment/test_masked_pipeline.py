@@ -67,6 +67,13 @@ def test_pruning_run_on_a_masked_lm_evaluates_masked_tokens_and_exports(bert_dir
     assert evaluate_both(again, data, cfg.batch_size, False) == evaluate_both(model, data, cfg.batch_size, False)
 
 
+def test_the_hub_path_loads_a_masked_lm_as_one(bert_dir) -> None:
+    from selprune.models import _load_hub_id
+
+    model, tok = _load_hub_id(str(bert_dir), dtype=torch.float32)  # a local folder stands in for the hub
+    assert is_masked_lm(model) and tok.mask_token_id == 4
+
+
 def test_causal_only_work_is_refused_for_a_masked_lm(bert_dir) -> None:
     from selprune.experiment.baselines import unlearn
     from selprune.experiment.retrain import retrain

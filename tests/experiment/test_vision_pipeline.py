@@ -56,6 +56,15 @@ def test_a_local_vit_loads_with_its_image_processor(vit_dir) -> None:
     assert list(proc.image_mean) == [0.5] and not model.training
 
 
+def test_the_hub_path_loads_an_image_classifier_by_its_auto_class(vit_dir) -> None:
+    """A hub id goes through the same auto class as a local folder (a local folder stands in
+    for the hub: from_pretrained reads both)."""
+    from selprune.models import _load_hub_id
+
+    model, proc = _load_hub_id(str(vit_dir), dtype=torch.float32)
+    assert is_image_classifier(model) and hasattr(proc, "image_mean")
+
+
 def test_an_image_classifier_without_its_processor_is_refused(vit_dir, tmp_path) -> None:
     T.ViTForImageClassification.from_pretrained(vit_dir).save_pretrained(tmp_path)
     with pytest.raises(SelpruneError, match="preprocessor_config.json"):
