@@ -1,5 +1,6 @@
 """The `selprune` command: `run` (the notebook series), `prune` (one pruning run, also
-under torchrun) and `sweep` (a grid of series points and their leaderboard).
+under torchrun), `sweep` (a grid of series points and their leaderboard), `train-vit`
+(a small vision transformer to prune) and `dropout-claim` (the paper's dropout claim on such ViTs).
 
 Every command takes its parameters the same way, from the one schema
 (`selprune.experiment.config`): `--preset NAME`, then a YAML file `-f`, then `-p NAME
@@ -75,7 +76,44 @@ def _parser() -> argparse.ArgumentParser:
                      "otherwise)")
     par.add_argument("--slurm-cpus", type=int, metavar="N", help="CPUs per job (default: the cluster's)")
     prune_command.add_parser(sub, add_preset_option)
+    _add_train_vit(sub)
+    _add_dropout_claim(sub)
     return ap
+
+
+def _add_dropout_claim(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("dropout-claim", help="the paper's dropout claim on small ViTs trained here",
+                       description="Train a small ViT per dropout rate and seed, prune the forget class(es) from "
+                       "each by one recipe, and compare the frontiers (selprune.experiment.dropout_claim). "
+                       "Resumes: trained checkpoints and finished runs under --out are reused.")
+    c.add_argument("--out", required=True, help="folder for the checkpoints, runs, claim.json and the figure")
+    c.add_argument("--dataset", default="fashion-mnist", help="image dataset (default fashion-mnist)")
+    c.add_argument("--forget", default="0", help="class(es) to forget, names or indices joined by + (default 0)")
+    c.add_argument("--dropouts", default="0,0.1", help="dropout rates, comma-separated (default 0,0.1)")
+    c.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated (default 0,1,2)")
+    c.add_argument("--train-steps", type=int, help="training steps per model (default selprune.vit_train's)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_train_vit(sub: argparse._SubParsersAction) -> None:
+    from selprune.vit_train import DEFAULTS
+
+    t = sub.add_parser("train-vit", help="train a small vision transformer on an image dataset (a model to prune)",
+                       description="Train a small ViT (selprune.vit_train) and save it as a Hugging Face checkpoint "
+                       "(config.json, model.safetensors, preprocessor_config.json, train_log.json).")
+    t.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, cifar10, an ImageFolder folder or "
+                   "hub:ORG/NAME (default fashion-mnist)")
+    t.add_argument("--out", required=True, help="checkpoint folder (refused if it exists and is not empty)")
+    t.add_argument("--dropout", type=float, default=0.0, help="hidden and attention dropout (default 0)")
+    t.add_argument("--seed", type=int, default=0, help="initialisation, dropout and batch order (default 0)")
+    for name, kind, what in (("steps", int, "training steps"), ("batch-size", int, "images a step"),
+                             ("lr", float, "peak AdamW learning rate (warmup, then cosine decay)")):
+        t.add_argument(f"--{name}", type=kind, default=DEFAULTS[name.replace("-", "_")],
+                       help=f"{what} (default {DEFAULTS[name.replace('-', '_')]})")
+    t.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    t.add_argument("--threads", type=int, help="torch CPU threads (default torch's; 1 can be much faster on a "
+                   "machine whose cores are busy with other work)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _fail(e: SelpruneError) -> int:
@@ -128,6 +166,46 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_vit(args: argparse.Namespace) -> int:
+    """`selprune train-vit`: the work is in selprune.vit_train."""
+    import torch
+
+    from selprune.vit_train import train_vit
+
+    if args.threads:
+        torch.set_num_threads(args.threads)  # this command's process only
+    try:
+        log = train_vit(args.dataset, args.out, dropout=args.dropout, seed=args.seed, steps=args.steps,
+                        batch_size=args.batch_size, lr=args.lr, progress=not args.quiet, overwrite=args.overwrite)
+    except SelpruneError as e:
+        return _fail(e)
+    print(f"checkpoint: {Path(args.out).expanduser()}")
+    print(f"test top-1: {log['test']['top1']:.4f} on {log['test_images']} images ({log['seconds']['total']:.0f} s)")
+    return 0
+
+
+def _dropout_claim(args: argparse.Namespace) -> int:
+    """`selprune dropout-claim`: the work is in selprune.experiment.dropout_claim."""
+    from selprune import plots
+    from selprune.experiment.dropout_claim import claim_table, dropout_claim, plot_claim
+
+    try:
+        dropouts = tuple(float(d) for d in args.dropouts.split(","))
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        return _fail(SelpruneError(f"--dropouts {args.dropouts!r} / --seeds {args.seeds!r}: give comma-separated "
+                                   "numbers, e.g. --dropouts 0,0.1 --seeds 0,1,2"))
+    train = {"steps": args.train_steps} if args.train_steps else {}
+    try:
+        rows = dropout_claim(args.out, dataset=args.dataset, forget=args.forget, dropouts=dropouts, seeds=seeds,
+                             train=train, progress=not args.quiet)
+    except SelpruneError as e:
+        return _fail(e)
+    print(claim_table(rows).to_string(index=False))
+    print(f"\nrows: {Path(args.out) / 'claim.json'}; figure: {plots.save_figure(plot_claim(rows), args.out, 'claim')}")
+    return 0
+
+
 def setup_logging() -> None:
     """Show selprune's notes (e.g. a one-off model conversion) on stderr: the command's
     choice, made when it starts, never at import."""
@@ -140,7 +218,8 @@ def setup_logging() -> None:
     log.propagate = False
 
 
-COMMANDS = {"run": _run, "sweep": _sweep, "prune": prune_command.main}
+COMMANDS = {"run": _run, "sweep": _sweep, "prune": prune_command.main, "train-vit": _train_vit,
+            "dropout-claim": _dropout_claim}
 
 
 def main(argv: list[str] | None = None) -> int:
