@@ -7,13 +7,14 @@ import json
 
 import pytest
 import torch
+from image_sets import bars, registered
 from safetensors.torch import load_file
 from transformers import ViTForImageClassification
 
 from selprune import vit_train
 from selprune.errors import SelpruneError
 from selprune.experiment.cli import main
-from selprune.images import IMAGE_DATASETS, ImageSet, ImageSource, register_image_dataset
+from selprune.images import ImageSet
 from selprune.vision import pixel_values
 
 CLASSES = ("left", "middle", "right")
@@ -22,24 +23,14 @@ FAST = {"steps": 3, "batch_size": 8, "warmup": 1, "progress": False, **TINY}
 
 
 def synthetic(split: str) -> ImageSet:
-    """8x8 grey images: a bright vertical bar whose column band is the class, plus noise."""
-    g = torch.Generator().manual_seed(0 if split == "train" else 1)
-    n = 24 if split == "train" else 9
-    labels = torch.arange(n) % 3
-    images = torch.randint(0, 60, (n, 8, 8, 1), generator=g, dtype=torch.uint8)
-    for i, c in enumerate(labels.tolist()):
-        images[i, :, 3 * c : 3 * c + 2] = 250
-    return ImageSet("bars", images, labels, CLASSES)
+    return bars(split, CLASSES, 24, 9)
 
 
 @pytest.fixture(autouse=True)
-def bars(tmp_path, monkeypatch):
+def bars_dataset(tmp_path, monkeypatch):
     monkeypatch.setenv("SELPRUNE_CACHE", str(tmp_path / "cache"))
-    saved = dict(IMAGE_DATASETS)
-    register_image_dataset("bars", ImageSource("python", loader=synthetic))
-    yield
-    IMAGE_DATASETS.clear()
-    IMAGE_DATASETS.update(saved)
+    with registered("bars", synthetic):
+        yield
 
 
 def test_checkpoint_reloads_with_identical_logits(tmp_path) -> None:

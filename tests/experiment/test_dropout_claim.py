@@ -9,12 +9,13 @@ import json
 
 import pytest
 import torch
+from image_sets import bars, registered
 
 from selprune.errors import SelpruneError
 from selprune.experiment import dropout_claim as dc
 from selprune.experiment.cli import main
 from selprune.experiment.config import Config
-from selprune.images import IMAGE_DATASETS, ImageSet, ImageSource, register_image_dataset
+from selprune.images import ImageSet
 from selprune.models import load_model
 from selprune.vision import prepare_image_data, tokens_per_image
 
@@ -24,45 +25,25 @@ TRAIN = {"steps": 20, "batch_size": 16, "warmup": 2, "patch_size": 4, "hidden_si
 RECIPE = {"ff_frac": 0.1, "steps": 3, "max_retain_drop": None, "collect_tokens": 600, "batch_size": 16}
 
 
-def bars(split: str) -> ImageSet:
-    """8x8 grey images: a bright vertical bar whose column band is the class (class 3: none)."""
-    g = torch.Generator().manual_seed(0 if split == "train" else 1)
-    n = 64 if split == "train" else 24
-    labels = torch.arange(n) % 4
-    images = torch.randint(0, 60, (n, 8, 8, 1), generator=g, dtype=torch.uint8)
-    for i, c in enumerate(labels.tolist()):
-        if c < 3:
-            images[i, :, 3 * c : 3 * c + 2] = 250
-    return ImageSet("bars", images, labels, CLASSES)
+def four_bars(split: str) -> ImageSet:
+    return bars(split, CLASSES, 64, 24)
 
 
 @pytest.fixture(autouse=True)
 def bars_dataset(tmp_path, monkeypatch):
     monkeypatch.setenv("SELPRUNE_CACHE", str(tmp_path / "cache"))
-    saved = dict(IMAGE_DATASETS)
-    register_image_dataset("bars", ImageSource("python", loader=bars))
-    yield
-    IMAGE_DATASETS.clear()
-    IMAGE_DATASETS.update(saved)
+    with registered("bars", four_bars):
+        yield
 
 
 @pytest.fixture(scope="module")
 def claim(tmp_path_factory):
     """Two dropout rates x two seeds, trained and pruned once for the module."""
-    import os
-
     out = tmp_path_factory.mktemp("claim")
-    saved = dict(IMAGE_DATASETS)
-    old_cache = os.environ.get("SELPRUNE_CACHE")
-    os.environ["SELPRUNE_CACHE"] = str(out / "cache")
-    register_image_dataset("bars", ImageSource("python", loader=bars), overwrite=True)
-    try:
+    with pytest.MonkeyPatch.context() as mp, registered("bars", four_bars):
+        mp.setenv("SELPRUNE_CACHE", str(out / "cache"))
         rows = dc.dropout_claim(out, dataset="bars", forget="left", dropouts=(0.0, 0.2), seeds=(0, 1), train=TRAIN,
                                 recipe=RECIPE, progress=False)
-    finally:
-        IMAGE_DATASETS.clear()
-        IMAGE_DATASETS.update(saved)
-        os.environ.pop("SELPRUNE_CACHE") if old_cache is None else os.environ.update(SELPRUNE_CACHE=old_cache)
     return out, rows
 
 
@@ -111,7 +92,6 @@ def test_a_rerun_reuses_the_checkpoints_and_runs(claim, monkeypatch) -> None:
     import selprune.vit_train as vt
 
     monkeypatch.setattr(vt, "train_vit", lambda *a, **k: pytest.fail("a trained checkpoint was trained again"))
-    register_image_dataset("bars", ImageSource("python", loader=bars), overwrite=True)
     again = dc.dropout_claim(out, dataset="bars", forget="left", dropouts=(0.0, 0.2), seeds=(0, 1), train=TRAIN,
                              recipe=RECIPE, progress=False)
     assert again == rows  # the same checkpoints, the same records replayed: the same numbers
