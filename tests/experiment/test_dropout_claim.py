@@ -22,7 +22,8 @@ from selprune.vision import prepare_image_data, tokens_per_image
 CLASSES = ("left", "middle", "right", "none")
 TRAIN = {"steps": 20, "batch_size": 16, "warmup": 2, "patch_size": 4, "hidden_size": 16, "layers": 2, "heads": 2,
          "mlp_ratio": 2}
-RECIPE = {"ff_frac": 0.1, "steps": 3, "max_retain_drop": None, "collect_tokens": 600, "batch_size": 16}
+RECIPE = {"ff_frac": 0.1, "attn_frac": 0.1, "steps": 3, "max_retain_drop": None, "collect_tokens": 600,
+          "batch_size": 16}
 
 
 def four_bars(split: str) -> ImageSet:
@@ -74,16 +75,23 @@ def test_image_data_come_from_the_named_classes(tmp_path) -> None:
 
 def test_the_claim_trains_prunes_and_summarises_every_model(claim) -> None:
     out, rows = claim
-    assert [(r["dropout"], r["seed"]) for r in rows] == [(0.0, 0), (0.0, 1), (0.2, 0), (0.2, 1)]
+    assert [(r["dropout"], r["seed"], r["run"]) for r in rows] == [
+        (d, s, run) for d in (0.0, 0.2) for s in (0, 1) for run in ("ff", "both")]
     for r in rows:
         assert r["steps"] == 3 and len(r["curve"]) == 4 and r["curve"][0]["ff"] == 0.0
         assert r["curve"][-1]["ff"] == pytest.approx(0.3, abs=0.02)
         assert 0 <= r["test_top1"] <= 1 and set(r) >= {"forget_drop@0.1", "selectivity_area"}
+    ff, both = rows[0], rows[1]  # the same model: the same start, and "both" starts unpruned too (restored)
+    assert ff["curve"][0] == both["curve"][0] and ff["curve"][1]["attn"] == 0 < both["curve"][1]["attn"]
+    both_cfg = json.loads((out / "runs" / "dropout-0__seed-0" / "both" / "config.json").read_text())
+    assert both_cfg["attn_frac"] == 0.1 and both_cfg["run"] == "both"
     cfg = json.loads((out / "models" / "dropout-0.2__seed-1" / "config.json").read_text())
     assert cfg["hidden_dropout_prob"] == cfg["attention_probs_dropout_prob"] == 0.2
     assert json.loads((out / "claim.json").read_text()) == rows
     table = dc.claim_table(rows)
-    assert list(table["dropout"]) == [0.0, 0.2] and list(table["seeds"]) == [2, 2]
+    assert list(zip(table["run"], table["dropout"], strict=True)) == [("both", 0.0), ("both", 0.2), ("ff", 0.0),
+                                                                       ("ff", 0.2)]
+    assert list(table["seeds"]) == [2, 2, 2, 2]
     assert dc.plot_claim(rows).axes[0].get_title().startswith("Forgetting one class")
 
 
