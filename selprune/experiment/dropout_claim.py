@@ -89,16 +89,30 @@ def dropout_claim(out: str | Path, *, dataset: str = "fashion-mnist", forget: st
 
 
 def claim_table(rows: list[dict[str, Any]]):
-    """Mean and standard deviation over seeds, per dropout rate, of the unpruned accuracy
-    and the headlines (a run that never reached a retain drop counts as missing)."""
+    """Per run kind and dropout rate, over seeds: mean ± standard deviation of the unpruned
+    test accuracy, the selectivity area, the final forget and retain drops, and each
+    headline with how many runs reached its retain drop ("k/n": a run that never lost that
+    much retain has no value there, which may mean it forgot *without* the damage, so the
+    final drops sit beside them)."""
     import pandas as pd
 
-    cols = ["test_top1", "selectivity_area", *(f"forget_drop@{d}" for d in RETAIN_DROPS)]
-    df = pd.DataFrame([{k: r[k] for k in ["run", "dropout", "seed", *cols]} for r in rows])
+    heads = [f"forget_drop@{d}" for d in RETAIN_DROPS]
+    df = pd.DataFrame([{"run": r["run"], "dropout": r["dropout"], "test_top1": r["test_top1"],
+                        "selectivity_area": r["selectivity_area"],
+                        "final_forget_drop": 1 - r["curve"][-1]["forget"]["top1"] / r["forget_top1"],
+                        "final_retain_drop": 1 - r["curve"][-1]["retain"]["top1"] / r["retain_top1"],
+                        **{h: r[h] for h in heads}} for r in rows])
+    cols = [c for c in df.columns if c not in ("run", "dropout")]
     df[cols] = df[cols].astype(float)
-    g = df.groupby(["run", "dropout"])[cols]
-    table = g.mean().round(3).astype(str) + " ± " + g.std(ddof=1).round(3).astype(str)
-    table.insert(0, "seeds", df.groupby(["run", "dropout"])["seed"].count())
+
+    def cell(v: pd.Series) -> str:
+        got = v.dropna()
+        spread = f" ± {got.std(ddof=1):.3f}" if len(got) > 1 else ""
+        text = f"{got.mean():.3f}{spread}" if len(got) else "-"
+        return text + (f" ({len(got)}/{len(v)})" if v.name in heads else "")
+
+    table = df.groupby(["run", "dropout"])[cols].agg(cell)
+    table.insert(0, "seeds", df.groupby(["run", "dropout"]).size())
     return table.reset_index()
 
 
