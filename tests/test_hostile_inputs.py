@@ -183,6 +183,7 @@ def test_remote_code_refused_for_a_hub_id_too(monkeypatch):
         raise ValueError(f"The repository {repo_id} contains custom code which must be executed to correctly load "
                          "the model. Please pass the argument `trust_remote_code=True` to allow custom code to be run.")
 
+    monkeypatch.setattr(models.AutoConfig, "from_pretrained", refuse)  # read first: it names the auto class
     monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", refuse)
     with pytest.raises(SelpruneError, match=r"model someorg/custom needs trust_remote_code: it ships custom Python "
                                             r"code.*selprune does not run remote code"):

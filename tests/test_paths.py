@@ -21,6 +21,7 @@ ALLOWED = {
     ("paths.py", "atomic_write_bytes", "write"),  # the temporary file itself, then os.replace
     ("models.py", "convert_gguf", "save_pretrained"),  # a temporary folder, then os.replace
     ("prune.py", "export_pruned", "save_pretrained"),  # .NAME.tmp, then rename
+    ("vit_train.py", "_save", "save_pretrained"),  # a hidden folder beside `out`, then rename
     ("experiment/notebooks.py", "run_series", "execute_notebook"),  # .tmp-NAME, then replace
     ("experiment/notebooks.py", "regenerate", "write"),  # nbformat.write into NAME.tmp, then replace
     ("plots.py", "save_figure", "savefig"),  # a BytesIO, then atomic_write_bytes

@@ -78,8 +78,8 @@ class Config:
     """Every parameter of a series, a pruning run or a sweep point (see the module docstring)."""
 
     model: str = param("smollm2-135m", "model shortcut, local HF directory, .gguf file, or hub id", "setup")
-    forget: str = param("code", "dataset whose capability to remove (bundled name, local path, or hub:ORG/NAME; "
-                        "for an image classifier image:DATASET:CLASSES, e.g. image:fashion-mnist:0)", "data")
+    forget: str = param("code", "dataset whose capability to remove (bundled name, local path, or hub:ORG/NAME)",
+                        "data")
     retain: str = param("prose", "dataset whose capability to keep", "data")
     ff_frac: float = param(0.02, "fraction of all FF neurons pruned per step", "prune",
                            check=within(0, 1, hi_open=True, hint="; use e.g. 0.02 for 2% per step"))

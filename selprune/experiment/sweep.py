@@ -41,7 +41,7 @@ from selprune.experiment.relearning import ARMS
 from selprune.experiment.rundir import RunDir, write_errors
 from selprune.experiment.runs import RUN_KINDS
 from selprune.experiment.series import Series
-from selprune.experiment.sweepfile import Point, Sweep
+from selprune.experiment.sweepfile import Point, Sweep, check_devices
 from selprune.experiment.tracking import log_leaderboard
 from selprune.unlearning import METHODS
 
@@ -105,15 +105,14 @@ def run_sweep(sweep: Sweep, progress: bool = True, log: Callable[[str], None] | 
     each point's folder while it runs (`RunDir.hold`): a second sweep into the same
     folder is refused.
 
-    `workers` > 1 or a `launcher` ("local", "slurm": submitit) runs up to `workers` points
-    at once (default 1; on SLURM all), each in its own process (`point_job`); this process keeps the sweep folder,
-    the log and the leaderboard (`make_engine`).
-    """
+    `workers` > 1 or a `launcher` ("local", "slurm": submitit) runs up to `workers` points at once (default 1;
+    on SLURM all), each in its own process (`point_job`); this one keeps the folder, log and leaderboard."""
     log = log or (lambda msg: print(f"selprune sweep: {msg}", file=sys.stderr))
     if workers is not None and workers < 1:
         raise SelpruneError(f"workers={workers} is below 1; pass --workers 1 (one point at a time) or more")
     if launcher not in (None, *LAUNCHERS):
         raise SelpruneError(f"launcher={launcher!r} is unknown; use one of {', '.join(LAUNCHERS)}")
+    check_devices(sweep, here=launcher in (None, "local"))  # points run here: this machine needs their devices
     with RunDir(sweep.out).hold(), write_errors(sweep.out):
         if (workers or 1) == 1 and launcher is None:  # today's sequential path, in this process
             for i, pt in enumerate(sweep.points, 1):

@@ -117,6 +117,19 @@ class Sweep:
     failed: dict[str, str] = field(default_factory=dict)  # point name -> error, filled by run_sweep
 
 
+def check_devices(sweep: Sweep, here: bool = True) -> None:
+    """Refuse a sweep whose points ask for a device this machine lacks, before any point
+    runs `here` (loading a sweep file leaves it to where the points run: `_check_point`;
+    points submitted to a cluster check theirs there)."""
+    from selprune.devices import resolve_device
+
+    for pt in sweep.points if here else []:
+        try:
+            resolve_device(pt.cfg.device)
+        except SelpruneError as e:
+            raise SelpruneError(f"{sweep.source}: point {pt.name}: {e}") from e
+
+
 def run_finished(records: list[dict[str, Any]], cfg: Config) -> bool:
     """Whether a run is over: a pruning run with all `steps` done or stopped by the loop's
     stop rule; a baseline (its records have `train_step`) at `unlearn_steps`."""

@@ -36,7 +36,7 @@ from selprune.experiment.loop import run_pruning
 from selprune.experiment.param_args import read_params
 from selprune.experiment.prune_command import config_from
 from selprune.experiment.series import Series
-from selprune.experiment.sweepfile import expand
+from selprune.experiment.sweepfile import check_devices, expand
 from selprune.models import load_model
 
 
@@ -58,7 +58,11 @@ def _prune(tmp: Path, params: dict) -> Config:  # selprune prune --run-kind both
 
 
 def _sweep(tmp: Path, params: dict) -> Config:
-    return expand({"base": params}, out=tmp / "run").points[0].cfg
+    """A sweep run on this machine: loaded (its device left to where it runs), then checked
+    as `run_sweep` checks it before a local point runs."""
+    sweep = expand({"base": params}, out=tmp / "run")
+    check_devices(sweep)
+    return sweep.points[0].cfg
 
 
 def _loop(tmp: Path, params: dict) -> Config:  # a Config built by hand, straight into the loop
