@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from selprune.errors import SelpruneError
 from selprune.models import input_device
+from selprune.vision import is_image_classifier
 
 MASK_FRACTION = 0.15
 
@@ -37,8 +38,7 @@ def is_masked_lm(model: nn.Module) -> bool:
 def require_causal(model: nn.Module, what: str) -> None:
     """Refuse work that only a causal LM can do (next-token training losses, generation)."""
     name = type(model).__name__
-    kind = "a masked LM" if is_masked_lm(model) else "an image classifier" if \
-        name.endswith("ForImageClassification") else None
+    kind = "a masked LM" if is_masked_lm(model) else "an image classifier" if is_image_classifier(model) else None
     if kind is not None:
         evaluation = "masked-token" if is_masked_lm(model) else "per-class accuracy"
         raise SelpruneError(f"{what} needs a causal LM; {name} is {kind}. For it selprune does statistics, "

@@ -259,9 +259,8 @@ def _load_dir(path: Path, *, gguf_file: str | None = None, **kw: Any) -> tuple[P
         check_model_dir(path)
     with load_errors(str(path / gguf_file) if gguf_file else str(path)):
         cls = AutoModelForCausalLM if gguf_file else auto_class(AutoConfig.from_pretrained(path))
-        # an image classifier's "tokenizer" is its image processor (selprune.vision)
-        tok = AutoImageProcessor.from_pretrained(path) if cls is AutoModelForImageClassification else \
-            AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=False)
+        tok = _processor_class(cls).from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}),
+                                                    trust_remote_code=False)
         model = cls.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=False, **kw)
     if gguf_file:
         _drop_gguf_quantizer(model)
@@ -328,8 +327,13 @@ def _from_hub(cls: type, repo_id: str, **kw: Any) -> tuple[PreTrainedModel, PreT
     """A hub model by its auto class (`auto_class`: a masked LM or an image classifier is
     loaded as one), with its tokenizer or image processor."""
     local = {"local_files_only": kw.pop("local_files_only", False), "trust_remote_code": False}
-    proc = AutoImageProcessor if cls is AutoModelForImageClassification else AutoTokenizer
-    return cls.from_pretrained(repo_id, **local, **kw), proc.from_pretrained(repo_id, **local)
+    return cls.from_pretrained(repo_id, **local, **kw), _processor_class(cls).from_pretrained(repo_id, **local)
+
+
+def _processor_class(cls: type) -> type:
+    """What turns inputs into a model of auto class `cls`: its tokenizer, or for an image
+    classifier its image processor (selprune.vision)."""
+    return AutoImageProcessor if cls is AutoModelForImageClassification else AutoTokenizer
 
 
 def model_spec_kind(spec: str) -> str:
