@@ -47,6 +47,7 @@ def run_row(records: list[dict[str, Any]]) -> dict[str, Any]:
         ff_fraction=last["fraction"]["ff"],
         attn_fraction=last["fraction"]["attn"],
         seconds=sum(sum(r.get("seconds", {}).values()) for r in records),
+        **compute_row(records),
     )
     if not row["reached"]:
         row["note"] = (f"not reached: retain top-1 fell at most {row['retain_drop_max']:.1%}; "
@@ -54,22 +55,37 @@ def run_row(records: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
-def relearn_row(result: dict[str, Any] | None, run: str) -> dict[str, Any]:
-    """The relearning columns of one pruning run's row (sweep files with `relearn`): the
-    arm it was relearned as (the series' selective run, or the floor as the random arm),
-    steps to 50% / 90% recovery or the censored bound, the fraction recovered by the
-    end, and whether the unpruned control held. Empty for runs no arm used."""
-    arm = None if result is None else {result["selective_run"]: "selective", FLOOR: "random"}.get(run)
-    if arm is None or arm not in result["arms"]:
-        return {}
-    a, control = result["arms"][arm], result.get("control") or {}
-    index = a["index"]
+def compute_row(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """A run's compute columns (docs/method.md, "Compute accounting"): its cumulative
+    token counts at the last record and the largest peak memory of any record (None
+    where the records predate compute accounting or the memory could not be read)."""
+    last = records[-1].get("compute") or {}
+    peaks = [p for r in records if (p := (r.get("compute") or {}).get("peak_memory_mb")) is not None]
+    return {"forward_tokens": last.get("forward_tokens"), "backward_tokens": last.get("backward_tokens"),
+            "forward_equiv_tokens": last.get("forward_equiv_tokens"), "peak_memory_mb": max(peaks, default=None)}
+
+
+def relearn_columns(arm: dict[str, Any], control_holds: bool | None = None) -> dict[str, Any]:
+    """The relearning columns of one relearned model (an arm of the relearning protocol,
+    or a run's own `relearn` record: the same index shape): steps to 50% / 90% recovery
+    or the censored bound, the fraction recovered by the end, the best forget top-1
+    reached while relearning, and whether the unpruned control held (None: no control)."""
+    index = arm["index"]
     row = {f"relearn_{float(q) * 100:.0f}": v["text"] for q, v in index.items()}
     row.update({f"relearn_{float(q) * 100:.0f}_steps": v["step"] for q, v in index.items()})
     row.update(relearn_recovered_final=next(iter(index.values()))["recovered_final"],
-               relearn_best_forget_top1=a["worst_case"]["max_forget_top1"],
-               relearn_control_holds=control.get("holds"))
+               relearn_best_forget_top1=arm["worst_case"]["max_forget_top1"], relearn_control_holds=control_holds)
     return row
+
+
+def relearn_row(result: dict[str, Any] | None, run: str) -> dict[str, Any]:
+    """The relearning columns of one pruning run's row (sweep files with `relearn`): the
+    arm it was relearned as (the series' selective run, or the floor as the random arm).
+    Empty for runs no arm used."""
+    arm = None if result is None else {result["selective_run"]: "selective", FLOOR: "random"}.get(run)
+    if arm is None or arm not in result["arms"]:
+        return {}
+    return relearn_columns(result["arms"][arm], (result.get("control") or {}).get("holds"))
 
 
 def probe_row(probes: dict[str, Any] | None) -> dict[str, Any]:
@@ -109,6 +125,9 @@ def leaderboard(sweep: Sweep) -> list[dict[str, Any]]:
                 row["status"] = "failed" if error else "not run"
             if pt.relearn:
                 row.update(relearn_row((results or {}).get("anamnesia"), run))
+            own = (((results or {}).get("runs") or {}).get(run) or {}).get("relearn")
+            if own and "relearn_50" not in row:  # a baseline relearned by notebook 07: its own record
+                row.update(relearn_columns(own))
             row.update(probe_row(((results or {}).get("probes") or {}).get(run)))
             if error:
                 row["error"] = error
@@ -119,7 +138,8 @@ def leaderboard(sweep: Sweep) -> list[dict[str, Any]]:
 COLUMNS_FIRST = ["rank", "point", "run", "floor", "status"]
 COLUMNS_LAST = [*DROPS, "reached", "above_floor", "selectivity_area", "retain_drop_max", "forget_drop_final",
                 "retain_drop_final", "forget_top1_base", "retain_top1_base", "forget_top1_final", "retain_top1_final",
-                "steps", "ff_fraction", "attn_fraction", "seconds", "note", "error"]
+                "steps", "ff_fraction", "attn_fraction", "forward_tokens", "backward_tokens", "forward_equiv_tokens",
+                "peak_memory_mb", "seconds", "note", "error"]
 
 
 def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

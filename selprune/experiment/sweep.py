@@ -40,6 +40,7 @@ from selprune.experiment.notebooks import kernel_params, run_series
 from selprune.experiment.relearning import ARMS
 from selprune.experiment.rundir import RunDir, write_errors
 from selprune.experiment.runs import RUN_KINDS
+from selprune.experiment.seed_summary import write_summary
 from selprune.experiment.series import Series
 from selprune.experiment.sweepfile import Point, Sweep, check_devices
 from selprune.experiment.tracking import log_leaderboard
@@ -99,14 +100,13 @@ def run_sweep(sweep: Sweep, progress: bool = True, log: Callable[[str], None] | 
               launcher: str | None = None, slurm: SlurmOptions | None = None) -> list[dict[str, Any]]:
     """Run every unfinished point, then write and return the leaderboard.
 
-    A point that raises is recorded in `sweep.failed` (its error in one line) and the
-    sweep goes on; the leaderboard is rewritten after every point, so an interrupted
-    sweep still leaves an up-to-date one. The sweep folder is held for the sweep, and
-    each point's folder while it runs (`RunDir.hold`): a second sweep into the same
-    folder is refused.
+    A point that raises is recorded in `sweep.failed` (its error in one line) and the sweep goes on; the
+    leaderboard is rewritten after every point, so an interrupted sweep still leaves an up-to-date one. The
+    sweep folder is held for the sweep, and each point's folder while it runs (`RunDir.hold`): a second sweep
+    into the same folder is refused.
 
-    `workers` > 1 or a `launcher` ("local", "slurm": submitit) runs up to `workers` points at once (default 1;
-    on SLURM all), each in its own process (`point_job`); this one keeps the folder, log and leaderboard."""
+    `workers` > 1 or a `launcher` ("local", "slurm": submitit) runs up to `workers` points at once (default 1; on
+    SLURM all), each in its own process (`point_job`); this one keeps the folder, log, leaderboard and summary."""
     log = log or (lambda msg: print(f"selprune sweep: {msg}", file=sys.stderr))
     if workers is not None and workers < 1:
         raise SelpruneError(f"workers={workers} is below 1; pass --workers 1 (one point at a time) or more")
@@ -126,6 +126,7 @@ def run_sweep(sweep: Sweep, progress: bool = True, log: Callable[[str], None] | 
 
 def _write_board(sweep: Sweep) -> list[dict[str, Any]]:
     write_leaderboard(rows := leaderboard(sweep), sweep.out, frontier_curves(sweep, rows))
+    write_summary(rows, sweep.out)  # the same rows over seeds: summary.csv
     log_leaderboard(sweep, rows)  # experiment tracking (#17): each finished point's rows
     return rows
 

@@ -15,6 +15,7 @@ The sweep file (YAML)::
       - name: paper              # optional; else made from the overrides
         runs: ff,random
       - {name: scoring-rms, scoring: rms}
+      - {name: tune, lr: 1e-4, seeds: [0]}   # a variant's own seeds replace the file's
     grid:                        # optional; every combination, applied to each variant
       ff_frac: [0.01, 0.02]
     seeds: [0, 1, 2]             # optional; every point repeated with each seed
@@ -23,7 +24,8 @@ The sweep file (YAML)::
     preset: paper                # optional; a named budget under base (selprune.experiment.config.PRESETS)
 
 Variants suit one-factor-at-a-time designs (the paper's recipe, changed in one respect
-at a time); `grid` gives full products. Points are variants x grid combinations x seeds,
+at a time); `grid` gives full products. A variant's `seeds:` suits a staged design: tune
+a grid of variants on one seed, repeat the winners on every seed. Points are variants x grid combinations x seeds,
 named from their variant name, grid values and seed (`scoring-rms`,
 `paper__ff_frac-0.01__seed-2`), so a name is stable across reruns and readable as a
 folder under `out`.
@@ -186,12 +188,12 @@ def expand(spec: Any, source: str = "sweep file", out: str | Path | None = None,
         raise SelpruneError(f"{source}: out={out_spec!r}; give a folder path, e.g. out: runs/sweeps/mine")
     out_dir = Path(out_spec).expanduser()
 
-    for vname, overrides in variants:
+    for vname, overrides, vseeds in variants:
         for axis in grid:
             if axis in overrides:
                 raise SelpruneError(f"{source}: variant {vname!r} sets {axis}, which grid also varies; "
                                     "remove it from one of them")
-        if seeds is not None and "seed" in overrides:
+        if (seeds is not None or vseeds is not None) and "seed" in overrides:
             raise SelpruneError(f"{source}: variant {vname!r} sets seed, which seeds also varies; "
                                 "remove it from one of them")
     if seeds is not None and "seed" in grid:
@@ -199,9 +201,10 @@ def expand(spec: Any, source: str = "sweep file", out: str | Path | None = None,
 
     points: list[Point] = []
     axes = list(grid)
-    for (vname, overrides), combo, seed in itertools.product(
-        variants, itertools.product(*grid.values()), seeds if seeds is not None else [None]
-    ):
+    cells = [(vname, overrides, combo, seed)
+             for (vname, overrides, vseeds), combo in itertools.product(variants, itertools.product(*grid.values()))
+             for seed in next(s for s in (vseeds, seeds, [None]) if s is not None)]  # a variant's seeds first
+    for vname, overrides, combo, seed in cells:
         parts = [vname] if vname else []
         parts += [f"{a}-{slug(v)}" for a, v in zip(axes, combo, strict=True)]
         parts += [f"seed-{seed}"] if seed is not None else []
@@ -263,10 +266,11 @@ def _check_names(params: dict[str, Any], where: str) -> None:
         raise SelpruneError(f"{where}: unknown parameters {unknown}; valid ones: {', '.join(FIELDS)}")
 
 
-def _variants(raw: Any, source: str) -> list[tuple[str, dict[str, Any]]]:
-    """(name, overrides) per variant; one unnamed, empty variant when there are none."""
+def _variants(raw: Any, source: str) -> list[tuple[str, dict[str, Any], list[int] | None]]:
+    """(name, overrides, its own seeds or None) per variant; one unnamed, empty variant
+    when there are none."""
     if raw is None:
-        return [("", {})]
+        return [("", {}, None)]
     if not isinstance(raw, list) or not raw:
         raise SelpruneError(f"{source}: variants must be a non-empty list of mappings, e.g. "
                             "variants: [{name: scoring-rms, scoring: rms}]")
@@ -274,7 +278,7 @@ def _variants(raw: Any, source: str) -> list[tuple[str, dict[str, Any]]]:
     for i, v in enumerate(raw, 1):
         if not isinstance(v, dict):
             raise SelpruneError(f"{source}: variant {i} is {v!r}, not a mapping; write e.g. {{name: rms, scoring: rms}}")
-        overrides = {k: val for k, val in v.items() if k != "name"}
+        overrides = {k: val for k, val in v.items() if k not in ("name", "seeds")}
         name = v.get("name")
         if name is None:
             name = "__".join(f"{k}-{slug(val)}" for k, val in overrides.items()) or "base"
@@ -282,7 +286,7 @@ def _variants(raw: Any, source: str) -> list[tuple[str, dict[str, Any]]]:
             raise SelpruneError(f"{source}: variant {i} has name {name!r}; use letters, digits, '.', '_' and '-' "
                                 "(it names the point's folder)")
         _check_names(overrides, f"{source}: variant {name!r}")
-        out.append((name, rename_aliases(overrides)))
+        out.append((name, rename_aliases(overrides), _seeds(v.get("seeds"), f"{source}: variant {name!r}")))
     return out
 
 

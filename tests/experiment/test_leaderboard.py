@@ -84,15 +84,41 @@ def test_without_a_floor_nothing_is_compared_to_it():
 
 
 # --------------------------------------------------------- the leaderboard of a sweep
-def _finished_point(tmp_path, records: list[dict], **base):
-    """A one-point sweep (run ff) whose results.json and records.json are written by hand."""
-    sw = expand({"base": {"runs": "ff", **base}}, "s.yaml", tmp_path)
+def _finished_point(tmp_path, records: list[dict], run: str = "ff", relearn: dict | None = None, **base):
+    """A one-point sweep (one run) whose results.json and records.json are written by hand."""
+    sw = expand({"base": {"runs": run, **base}}, "s.yaml", tmp_path)
     pt = sw.points[0]
-    (pt.run_dir / "ff").mkdir(parents=True)
+    (pt.run_dir / run).mkdir(parents=True)
     params = {k: v for k, v in kernel_params(pt.params).items() if k != "run_dir"}
-    (pt.run_dir / "results.json").write_text(json.dumps({"params": params, "runs": {"ff": {"records": records}}}))
-    (pt.run_dir / "ff" / "records.json").write_text(json.dumps(records))
+    result = {"params": params, "runs": {run: {"records": records, "relearn": relearn}}}
+    (pt.run_dir / "results.json").write_text(json.dumps(result))
+    (pt.run_dir / run / "records.json").write_text(json.dumps(records))
     return sw
+
+
+def test_a_baseline_row_carries_its_compute_and_its_own_relearning(tmp_path):
+    """GA (notebook 07) relearns its own output: the row takes that record's index, and
+    the cumulative tokens of the last checkpoint with the largest peak memory of any."""
+    records = _records(retain=[0.40, 0.38, 0.32], forget=[0.50, 0.30, 0.10])
+    for r, (fwd, peak) in zip(records, [(0, None), (1024, 900.0), (2048, 700.0)], strict=True):
+        r.update(train_step=2 * r["step"], compute={"forward_tokens": fwd, "backward_tokens": fwd,
+                                                    "forward_equiv_tokens": 3.0 * fwd, "peak_memory_mb": peak})
+    sw = _finished_point(tmp_path, records, run="ga", relearn=_arm(4.0, "4 steps", 0.6),
+                         unlearn_steps=4, unlearn_checkpoints=2)
+    [row] = leaderboard(sw)
+    assert row["status"] == "done" and row["rank"] == 1
+    assert (row["forward_tokens"], row["backward_tokens"], row["forward_equiv_tokens"]) == (2048, 2048, 6144.0)
+    assert row["peak_memory_mb"] == 900.0, "the largest peak of any checkpoint, not the last"
+    assert (row["relearn_50"], row["relearn_50_steps"], row["relearn_recovered_final"]) == ("4 steps", 4.0, 0.6)
+    assert row["relearn_control_holds"] is None, "a run's own relearning has no unpruned control"
+    header = leaderboard_csv([row]).splitlines()[0].split(",")
+    assert header.index("forward_equiv_tokens") < header.index("seconds") < header.index("note")
+
+
+def test_records_without_compute_leave_the_compute_columns_empty():
+    row = run_row(_records(retain=[0.40, 0.32], forget=[0.50, 0.10]))
+    assert [row[k] for k in ("forward_tokens", "backward_tokens", "forward_equiv_tokens", "peak_memory_mb")] == \
+        [None] * 4
 
 
 def test_a_run_stopped_by_the_forget_rule_is_done_not_incomplete(tmp_path):

@@ -214,6 +214,11 @@ def test_real_sweep_draws_its_figures_and_runs_only_the_pruning_notebook(finishe
     ranked = [r for r in _csv(out / "leaderboard.csv") if r["rank"]]
     assert (out / "figures" / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "figures" / "frontier.png").exists() == bool(ranked), "the curves of the ranked runs"
+    summary = {(r["variant"], r["run"]): r for r in _csv(out / "summary.csv")}
+    assert set(summary) == {("recipe", "ff"), ("recipe", "random"), ("std", "ff")}, "no seeds: one row per point"
+    assert all(r["seeds"] == "1" for r in summary.values())
+    for r in _csv(out / "leaderboard.csv"):
+        assert summary[(r["point"], r["run"])]["forget_drop_at_10"] == r["forget_drop_at_10"]
     for point in ("recipe", "std"):
         executed = sorted(p.name for p in (out / point / "notebooks").glob("*.ipynb"))
         assert executed == ["03_prune_ffn.ipynb"], "only the pruning notebook runs"

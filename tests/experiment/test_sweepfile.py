@@ -53,6 +53,8 @@ def _records(retain: list[float], forget: list[float]) -> list[dict]:
     ("variants: [{name: a, importance: rms}]\ngrid: {importance: [abs, std]}\n",
      "variant 'a' sets importance, which grid"),
     ("variants: [{name: a, seed: 1}]\nseeds: [0, 1]\n", "variant 'a' sets seed, which seeds"),
+    ("variants: [{name: a, seed: 1, seeds: [0]}]\n", "variant 'a' sets seed, which seeds"),
+    ("variants: [{name: a, seeds: [1, 1]}]\n", "variant 'a': seeds is \\[1, 1\\]; give a list of distinct"),
     ("base: {prune_mode: sideways}\n", "point 'base'.*prune_mode='sideways' is not one of iterative, one-shot"),
     ("base: {selection: local}\n", "selection='local' is not one of global, per_layer"),
     ("base: {max_retain_drop: 2}\n", r"max_retain_drop=2.0 is outside \(0, 1\]"),
@@ -97,6 +99,16 @@ def test_points_expand_variants_by_grid_by_seeds_with_stable_names(tmp_path):
     assert sw.varied == ["ff_frac", "importance", "seed", "runs"], "schema order, only what differs"
     assert sw.points[-1].notebooks == ("03_prune_ffn.ipynb",), "no statistics or scoring notebook"
     assert sw.points[-1].settings == {"importance": "rms", "runs": "ff,random", "ff_frac": 0.02, "seed": 1}
+
+
+def test_a_variants_own_seeds_replace_the_files_for_that_variant_only(tmp_path):
+    spec = {"base": {"runs": "ff"}, "seeds": [0, 1, 2],
+            "variants": [{"name": "tune", "importance": "rms", "seeds": [0]}, {"name": "best"}]}
+    sw = expand(spec, "s.yaml", out=tmp_path / "out")
+    assert [p.name for p in sw.points] == ["tune__seed-0", "best__seed-0", "best__seed-1", "best__seed-2"]
+    assert sw.points[0].settings == {"importance": "rms", "seed": 0}, "seeds is no series parameter"
+    alone = expand({"variants": [{"name": "a", "seeds": [3]}, {"name": "b"}]}, "s.yaml", tmp_path / "o2")
+    assert [p.name for p in alone.points] == ["a__seed-3", "b"]
 
 
 def test_a_lone_base_and_a_grid_alone_name_their_points(tmp_path):
