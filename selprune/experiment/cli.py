@@ -123,7 +123,7 @@ def _fail(e: SelpruneError) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     """`selprune sweep`: the work is in selprune.experiment.sweep; this only parses and reports."""
-    from selprune.experiment import leaderboard, sweep, sweepfile
+    from selprune.experiment import leaderboard, seed_summary, sweep, sweepfile
 
     try:
         sw = sweepfile.load_sweep(args.file, args.out, args.preset)
@@ -136,7 +136,12 @@ def _sweep(args: argparse.Namespace) -> int:
     except SelpruneError as e:
         return _fail(e)
     print(leaderboard.format_top(rows))
-    print(f"\nleaderboard: {sw.out / 'leaderboard.csv'}, {sw.out / 'figures' / 'leaderboard.png'}")
+    summary = seed_summary.seed_summary(rows)
+    if any(r["seeds"] > 1 for r in summary):  # the same recipe on several seeds: read it over them
+        print("\nover seeds (mean ± sd; (k/n): seeds that reached that retain drop):")
+        print(seed_summary.summary_markdown(summary))
+    print(f"\nleaderboard: {sw.out / 'leaderboard.csv'}, {sw.out / seed_summary.SUMMARY_FILE}, "
+          f"{sw.out / 'figures' / 'leaderboard.png'}")
     if sw.failed:
         print(f"selprune: error: {len(sw.failed)} of {len(sw.points)} points failed: {', '.join(sw.failed)} "
               "(their errors are in the leaderboard; rerun the sweep to retry them)", file=sys.stderr)

@@ -98,3 +98,20 @@ def write_summary(rows: list[dict[str, Any]], out: str | Path) -> Path:
     path = Path(out) / SUMMARY_FILE
     atomic_write_bytes(path, summary_csv(seed_summary(rows)).encode())
     return path
+
+
+SHOWN = {"forget_drop_at_05": "@5%", "forget_drop_at_10": "@10%", "forget_drop_at_20": "@20%",
+         "forget_drop_final": "forget drop (end)", "retain_drop_final": "retain drop (end)",
+         "forward_equiv_tokens": "fwd-equiv tokens", "seconds": "seconds", "relearn_recovered_final": "relearned"}
+
+
+def summary_markdown(summary: list[dict[str, Any]]) -> str:
+    """The summary as a Markdown table (README, a notebook's output): forget drops at 5,
+    10 and 20% retain drop with how many seeds reached each, the final drops, compute,
+    wall seconds and the fraction a baseline's own relearning brought back."""
+    lines = ["| variant | run | seeds | " + " | ".join(SHOWN.values()) + " |", "|---" * (3 + len(SHOWN)) + "|"]
+    for r in summary:
+        cells = [mean_sd(r, k, 0 if k in ("forward_equiv_tokens", "seconds") else 2) for k in SHOWN]
+        lines.append(f"| {r['variant']} | {r['run']}{' (floor)' if r['floor'] else ''} | {r['seeds']} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -12,6 +12,7 @@ from selprune.experiment.seed_summary import (
     mean_sd,
     seed_summary,
     summary_csv,
+    summary_markdown,
     variant_of,
     write_summary,
 )
@@ -62,3 +63,26 @@ def test_the_summary_file_is_csv_with_empty_cells_for_missing_values(tmp_path):
     assert parsed["variant"] == "a" and parsed["seeds"] == "2" and parsed["forget_drop_at_10_sd"] == ""
     assert float(parsed["forget_drop_at_10"]) == pytest.approx(0.4) and parsed["forget_drop_at_10_reached"] == "1"
     assert summary_csv([]).strip() == "variant,run,seeds", "no rows: a header, still a CSV"
+
+
+def test_the_markdown_table_has_one_line_per_variant_and_marks_the_floor():
+    rows = [_row("p__seed-0", "ff", 0.5), _row("p__seed-1", "ff", 0.7), _row("p__seed-0", "random", 0.1)]
+    lines = summary_markdown(seed_summary(rows)).splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| variant | run | seeds | @5% | @10% |")
+    assert lines[1].count("|---") == lines[0].count("|") - 1
+    assert lines[2].startswith("| p | ff | 2 | 0.10 ± 0.00 (2/2) | 0.60 ± 0.14 (2/2) | - (0/2) |")
+    assert "| p | random (floor) | 1 |" in lines[3] and "| 100 |" in lines[3], "token counts without decimals"
+
+
+def test_selprune_sweep_prints_the_summary_only_when_a_variant_has_seeds(tmp_path, monkeypatch, capsys):
+    from selprune.experiment import cli, sweep
+
+    f = tmp_path / "s.yaml"
+    f.write_text("base: {runs: ff}\nseeds: [0, 1]\n")
+    for rows, shown in (([_row("base__seed-0", "ff", 0.5), _row("base__seed-1", "ff", 0.7)], True),
+                        ([_row("base", "ff", 0.5)], False)):
+        monkeypatch.setattr(sweep, "run_sweep", lambda sw, rows=rows, **kw: rows)
+        assert cli.main(["sweep", "-f", str(f), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+        out = capsys.readouterr().out
+        assert ("over seeds" in out and "| base | ff | 2 | 0.10 ± 0.00 (2/2) | 0.60 ± 0.14 (2/2)" in out) == shown
+        assert "summary.csv" in out
