@@ -16,6 +16,7 @@ The sweep file (YAML)::
         runs: ff,random
       - {name: scoring-rms, scoring: rms}
       - {name: tune, lr: 1e-4, seeds: [0]}   # a variant's own seeds replace the file's
+      - {name: best, relearn: true}          # and its own relearn: the file's
     grid:                        # optional; every combination, applied to each variant
       ff_frac: [0.01, 0.02]
     seeds: [0, 1, 2]             # optional; every point repeated with each seed
@@ -25,7 +26,8 @@ The sweep file (YAML)::
 
 Variants suit one-factor-at-a-time designs (the paper's recipe, changed in one respect
 at a time); `grid` gives full products. A variant's `seeds:` suits a staged design: tune
-a grid of variants on one seed, repeat the winners on every seed. Points are variants x grid combinations x seeds,
+a grid of variants on one seed, repeat the winners on every seed; a variant's `relearn:`
+relearns only the points worth it. Points are variants x grid combinations x seeds,
 named from their variant name, grid values and seed (`scoring-rms`,
 `paper__ff_frac-0.01__seed-2`), so a name is stable across reruns and readable as a
 folder under `out`.
@@ -47,6 +49,7 @@ import yaml
 from selprune.errors import SelpruneError
 from selprune.experiment.compare import baseline_finished
 from selprune.experiment.config import ALIASES, DEFAULTS, FIELDS, Config, rename_aliases, resolve
+from selprune.experiment.relearning import ANAMNESIA_SELECTIVE
 from selprune.experiment.rundir import param_diff, read_json, slug
 from selprune.experiment.runs import RUN_KINDS
 from selprune.experiment.series import RERUN_SAFE
@@ -188,12 +191,13 @@ def expand(spec: Any, source: str = "sweep file", out: str | Path | None = None,
         raise SelpruneError(f"{source}: out={out_spec!r}; give a folder path, e.g. out: runs/sweeps/mine")
     out_dir = Path(out_spec).expanduser()
 
-    for vname, overrides, vseeds in variants:
+    for v in variants:
+        vname, overrides = v.name, v.overrides
         for axis in grid:
             if axis in overrides:
                 raise SelpruneError(f"{source}: variant {vname!r} sets {axis}, which grid also varies; "
                                     "remove it from one of them")
-        if (seeds is not None or vseeds is not None) and "seed" in overrides:
+        if (seeds is not None or v.seeds is not None) and "seed" in overrides:
             raise SelpruneError(f"{source}: variant {vname!r} sets seed, which seeds also varies; "
                                 "remove it from one of them")
     if seeds is not None and "seed" in grid:
@@ -201,17 +205,22 @@ def expand(spec: Any, source: str = "sweep file", out: str | Path | None = None,
 
     points: list[Point] = []
     axes = list(grid)
-    cells = [(vname, overrides, combo, seed)
-             for (vname, overrides, vseeds), combo in itertools.product(variants, itertools.product(*grid.values()))
-             for seed in next(s for s in (vseeds, seeds, [None]) if s is not None)]  # a variant's seeds first
-    for vname, overrides, combo, seed in cells:
+    cells = [(v, combo, seed) for v, combo in itertools.product(variants, itertools.product(*grid.values()))
+             for seed in next(s for s in (v.seeds, seeds, [None]) if s is not None)]  # a variant's seeds first
+    for v, combo, seed in cells:
+        vname, overrides, point_relearn = v.name, v.overrides, relearn if v.relearn is None else v.relearn
         parts = [vname] if vname else []
         parts += [f"{a}-{slug(v)}" for a, v in zip(axes, combo, strict=True)]
         parts += [f"seed-{seed}"] if seed is not None else []
         name = "__".join(parts) or "base"
         settings = {**overrides, **dict(zip(axes, combo, strict=True)), **({"seed": seed} if seed is not None else {})}
         given = {**base, **settings, "run_dir": str(out_dir / name)}
-        points.append(Point(name, _check_point(given, preset, relearn, f"{source}: point {name!r}"), settings, relearn))
+        cfg = _check_point(given, preset, point_relearn, f"{source}: point {name!r}")
+        if point_relearn and not set(cfg.active_runs()) & set(ANAMNESIA_SELECTIVE):
+            raise SelpruneError(f"{source}: point {name!r} relearns, but its runs ({cfg.runs}) have no selective "
+                                f"pruning run for the protocol ({', '.join(ANAMNESIA_SELECTIVE)}); add one to "
+                                "its runs or set relearn: false for it")
+        points.append(Point(name, cfg, settings, point_relearn))
 
     _check_out(out_dir, [pt.name for pt in points], source)
     varied = [k for k in FIELDS if k != "run_dir" and len({repr(p.params[k]) for p in points}) > 1]
@@ -266,11 +275,23 @@ def _check_names(params: dict[str, Any], where: str) -> None:
         raise SelpruneError(f"{where}: unknown parameters {unknown}; valid ones: {', '.join(FIELDS)}")
 
 
-def _variants(raw: Any, source: str) -> list[tuple[str, dict[str, Any], list[int] | None]]:
-    """(name, overrides, its own seeds or None) per variant; one unnamed, empty variant
-    when there are none."""
+@dataclass(frozen=True)
+class Variant:
+    """One entry of `variants:`: name, overrides, and its own seeds and relearn (None: the file's)."""
+
+    name: str
+    overrides: dict[str, Any]
+    seeds: list[int] | None = None
+    relearn: bool | None = None
+
+
+VARIANT_KEYS = ("name", "seeds", "relearn")  # a variant's keys that are no series parameters
+
+
+def _variants(raw: Any, source: str) -> list[Variant]:
+    """The variants; one unnamed, empty variant when there are none."""
     if raw is None:
-        return [("", {}, None)]
+        return [Variant("", {})]
     if not isinstance(raw, list) or not raw:
         raise SelpruneError(f"{source}: variants must be a non-empty list of mappings, e.g. "
                             "variants: [{name: scoring-rms, scoring: rms}]")
@@ -278,15 +299,19 @@ def _variants(raw: Any, source: str) -> list[tuple[str, dict[str, Any], list[int
     for i, v in enumerate(raw, 1):
         if not isinstance(v, dict):
             raise SelpruneError(f"{source}: variant {i} is {v!r}, not a mapping; write e.g. {{name: rms, scoring: rms}}")
-        overrides = {k: val for k, val in v.items() if k not in ("name", "seeds")}
+        overrides = {k: val for k, val in v.items() if k not in VARIANT_KEYS}
         name = v.get("name")
         if name is None:
             name = "__".join(f"{k}-{slug(val)}" for k, val in overrides.items()) or "base"
         if not isinstance(name, str) or not _NAME.match(name):
             raise SelpruneError(f"{source}: variant {i} has name {name!r}; use letters, digits, '.', '_' and '-' "
                                 "(it names the point's folder)")
-        _check_names(overrides, f"{source}: variant {name!r}")
-        out.append((name, rename_aliases(overrides), _seeds(v.get("seeds"), f"{source}: variant {name!r}")))
+        where = f"{source}: variant {name!r}"
+        _check_names(overrides, where)
+        relearn = v.get("relearn")
+        if relearn is not None and not isinstance(relearn, bool):
+            raise SelpruneError(f"{where}: relearn={relearn!r}; write true or false")
+        out.append(Variant(name, rename_aliases(overrides), _seeds(v.get("seeds"), where), relearn))
     return out
 
 

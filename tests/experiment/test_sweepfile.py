@@ -54,6 +54,8 @@ def _records(retain: list[float], forget: list[float]) -> list[dict]:
      "variant 'a' sets importance, which grid"),
     ("variants: [{name: a, seed: 1}]\nseeds: [0, 1]\n", "variant 'a' sets seed, which seeds"),
     ("variants: [{name: a, seed: 1, seeds: [0]}]\n", "variant 'a' sets seed, which seeds"),
+    ("variants: [{name: a, relearn: yes please}]\n", "variant 'a': relearn='yes please'; write true or false"),
+    ("variants: [{name: a, runs: ga, relearn: true}]\n", "point 'a' relearns, but its runs \\(ga\\) have no selective"),
     ("variants: [{name: a, seeds: [1, 1]}]\n", "variant 'a': seeds is \\[1, 1\\]; give a list of distinct"),
     ("base: {prune_mode: sideways}\n", "point 'base'.*prune_mode='sideways' is not one of iterative, one-shot"),
     ("base: {selection: local}\n", "selection='local' is not one of global, per_layer"),
@@ -109,6 +111,18 @@ def test_a_variants_own_seeds_replace_the_files_for_that_variant_only(tmp_path):
     assert sw.points[0].settings == {"importance": "rms", "seed": 0}, "seeds is no series parameter"
     alone = expand({"variants": [{"name": "a", "seeds": [3]}, {"name": "b"}]}, "s.yaml", tmp_path / "o2")
     assert [p.name for p in alone.points] == ["a__seed-3", "b"]
+
+
+def test_a_variants_own_relearn_replaces_the_files_for_its_points(tmp_path):
+    spec = {"base": {"runs": "ff"}, "relearn": True, "seeds": [0, 1],
+            "variants": [{"name": "plain", "relearn": False}, {"name": "kept"}]}
+    sw = expand(spec, "s.yaml", out=tmp_path / "out")
+    assert {p.name: p.relearn for p in sw.points} == {"plain__seed-0": False, "plain__seed-1": False,
+                                                      "kept__seed-0": True, "kept__seed-1": True}
+    assert sw.points[0].settings == {"seed": 0}, "relearn is no series parameter"
+    only = expand({"base": {"runs": "ga"}, "variants": [{"name": "ga"}, {"name": "ff", "runs": "ff", "relearn": True}]},
+                  "s.yaml", tmp_path / "o2")
+    assert [(p.name, p.relearn) for p in only.points] == [("ga", False), ("ff", True)]
 
 
 def test_a_lone_base_and_a_grid_alone_name_their_points(tmp_path):
