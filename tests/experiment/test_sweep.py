@@ -109,6 +109,15 @@ def test_shipped_methods_sweep_tunes_every_baseline_beside_the_best_pruning_reci
     assert {"ff", "both", "random"} <= set(lrs), "pruning recipes and the floor on the same leaderboard"
     assert {p.params["seed"] for p in sw.points} == {0, 1, 2}
     assert len({(p.params["eval_tokens"], p.params["window"]) for p in sw.points}) == 1, "one evaluation set for all"
+    seeds: dict[tuple[str, float], set] = {}  # (run, lr) -> seeds: a grid on seed 0, each method's best on 0-2
+    for p in sw.points:
+        for run in p.runs:
+            seeds.setdefault((run, p.params["unlearn_lr"]), set()).add(p.params["seed"])
+    for m in ("ga", "graddiff", "npo", "rmu"):
+        mine = [s for (run, _), s in seeds.items() if run == m]
+        assert sorted(map(len, mine)) == [1] * (len(mine) - 1) + [3], f"{m}: one rate on every seed, the rest on 0"
+        assert all(0 in s for s in mine), "every rate has seed 0, where the grid was tuned"
+    assert {p.name for p in sw.points if p.relearn} == {f"prune-ff__seed-{i}" for i in range(3)}
 
 
 def test_shipped_relearning_sweep_relearns_every_point_at_a_bigger_budget(tmp_path):
