@@ -198,11 +198,19 @@ def row_label(row: dict[str, Any]) -> str:
 
 
 def frontier_curves(sweep: Sweep, rows: list[dict[str, Any]], top: int = 6) -> dict[str, list[dict[str, Any]]]:
-    """Step records of the `top` best-ranked selective runs and of the best-ranked floor
-    run, keyed by their leaderboard label ("point / run"), in rank order."""
+    """Step records of the `top` best-ranked selective runs, of the run with the largest
+    selectivity area of every other run kind (not its best-ranked: a method too gentle
+    ever to cost 10% of retain has no rank and may be the most selective, and one 10%
+    crossing in an early blip ranks a curve that is poor elsewhere), and of the
+    best-ranked floor run, keyed by their leaderboard label ("point / run"), in that order."""
     dirs = {pt.name: pt.run_dir for pt in sweep.points}
     ranked = [r for r in rows if r.get("rank") is not None]
-    chosen = [r for r in ranked if not r["floor"]][:top] + [r for r in ranked if r["floor"]][:1]
+    chosen = [r for r in ranked if not r["floor"]][:top]
+    done = [r for r in rows if r.get("status") == "done" and not r["floor"]]
+    for r in sorted(done, key=lambda r: -(r.get("selectivity_area") or 0.0)):
+        if r["run"] not in {c["run"] for c in chosen}:
+            chosen.append(r)
+    chosen += [r for r in ranked if r["floor"]][:1]
     return {row_label(r): read_json(dirs[r["point"]] / r["run"] / "records.json") for r in chosen}
 
 

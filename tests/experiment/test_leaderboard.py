@@ -15,6 +15,7 @@ import pytest
 from selprune.experiment.leaderboard import (
     floor_headline,
     format_top,
+    frontier_curves,
     leaderboard,
     leaderboard_csv,
     rank,
@@ -150,3 +151,29 @@ def test_relearning_columns_go_to_the_runs_the_arms_came_from():
     header = leaderboard_csv([{"point": "p", "run": "attn", "note": "n", **sel}]).splitlines()[0].split(",")
     assert header.index("relearn_50") < header.index("note"), "relearning columns sit before the notes"
     assert "relearn_50" not in leaderboard_csv([{"point": "p", "run": "attn"}]), "no empty relearning columns"
+
+
+def test_the_frontier_draws_the_best_runs_and_each_other_kinds_best_even_unranked(tmp_path):
+    """RMU-like: a baseline too gentle ever to cost 10% of retain has no rank, yet its
+    curve belongs on the frontier beside the ranked runs; its kind's largest area is drawn."""
+    curves = {"ff-a": ("ff", [0.40, 0.32], [0.50, 0.10]), "ff-b": ("ff", [0.40, 0.32], [0.50, 0.30]),
+              "gentle-1": ("ga", [0.40, 0.39], [0.50, 0.40]), "gentle-2": ("ga", [0.40, 0.39], [0.50, 0.05]),
+              "blip": ("ga", [0.40, 0.30], [0.50, 0.35]),  # ranked (it crossed 10%), but its area is small
+              "floor": ("random", [0.40, 0.30], [0.50, 0.45])}
+    sw = expand({"base": {"steps": 1, "unlearn_steps": 1, "unlearn_checkpoints": 1},
+                 "variants": [{"name": n, "runs": run} for n, (run, _, _) in curves.items()]}, "s.yaml", tmp_path)
+    for pt in sw.points:
+        run, retain, forget = curves[pt.name]
+        records = _records(retain, forget)
+        if run == "ga":
+            records = [{**r, "train_step": r["step"]} for r in records]
+        (pt.run_dir / run).mkdir(parents=True)
+        params = {k: v for k, v in kernel_params(pt.params).items() if k != "run_dir"}
+        (pt.run_dir / "results.json").write_text(json.dumps({"params": params, "runs": {run: {"records": records}}}))
+        (pt.run_dir / run / "records.json").write_text(json.dumps(records))
+    rows = leaderboard(sw)
+    assert [r["point"] for r in rows if r["rank"]] == ["ff-a", "ff-b", "blip", "floor"]
+    assert list(frontier_curves(sw, rows)) == ["ff-a / ff", "ff-b / ff", "blip / ga", "floor / random"], \
+        "ga is among the six best-ranked already"
+    assert list(frontier_curves(sw, rows, top=2)) == ["ff-a / ff", "ff-b / ff", "gentle-2 / ga", "floor / random"], \
+        "ga's largest area, not its ranked blip"
