@@ -24,13 +24,11 @@ The sweep file (YAML)::
     relearn: false               # optional; also run the relearning protocol (notebook 06's arms) on every point
     preset: paper                # optional; a named budget under base (selprune.experiment.config.PRESETS)
 
-Variants suit one-factor-at-a-time designs (the paper's recipe, changed in one respect
-at a time); `grid` gives full products. A variant's `seeds:` suits a staged design: tune
-a grid of variants on one seed, repeat the winners on every seed; a variant's `relearn:`
-relearns only the points worth it. Points are variants x grid combinations x seeds,
-named from their variant name, grid values and seed (`scoring-rms`,
-`paper__ff_frac-0.01__seed-2`), so a name is stable across reruns and readable as a
-folder under `out`.
+Variants suit one-factor-at-a-time designs (the paper's recipe, changed in one respect at a
+time); `grid` gives full products. A variant's `seeds:` suits a staged design (tune a grid on
+one seed, repeat the winners on every seed); its `relearn:` relearns only the points worth it.
+Points are variants x grid combinations x seeds, named from their variant name, grid values
+and seed (`scoring-rms`, `paper__ff_frac-0.01__seed-2`): stable across reruns, readable as folders.
 
 Resuming and the leaderboard: `selprune.experiment.sweep`, `selprune.experiment.leaderboard`.
 """
@@ -191,18 +189,7 @@ def expand(spec: Any, source: str = "sweep file", out: str | Path | None = None,
         raise SelpruneError(f"{source}: out={out_spec!r}; give a folder path, e.g. out: runs/sweeps/mine")
     out_dir = Path(out_spec).expanduser()
 
-    for v in variants:
-        vname, overrides = v.name, v.overrides
-        for axis in grid:
-            if axis in overrides:
-                raise SelpruneError(f"{source}: variant {vname!r} sets {axis}, which grid also varies; "
-                                    "remove it from one of them")
-        if (seeds is not None or v.seeds is not None) and "seed" in overrides:
-            raise SelpruneError(f"{source}: variant {vname!r} sets seed, which seeds also varies; "
-                                "remove it from one of them")
-    if seeds is not None and "seed" in grid:
-        raise SelpruneError(f"{source}: seeds and grid both vary seed; keep one")
-
+    _check_overlaps(variants, grid, seeds, source)
     points: list[Point] = []
     axes = list(grid)
     cells = [(v, combo, seed) for v, combo in itertools.product(variants, itertools.product(*grid.values()))
@@ -217,14 +204,27 @@ def expand(spec: Any, source: str = "sweep file", out: str | Path | None = None,
         given = {**base, **settings, "run_dir": str(out_dir / name)}
         cfg = _check_point(given, preset, point_relearn, f"{source}: point {name!r}")
         if point_relearn and not set(cfg.active_runs()) & set(ANAMNESIA_SELECTIVE):
-            raise SelpruneError(f"{source}: point {name!r} relearns, but its runs ({cfg.runs}) have no selective "
-                                f"pruning run for the protocol ({', '.join(ANAMNESIA_SELECTIVE)}); add one to "
-                                "its runs or set relearn: false for it")
+            raise SelpruneError(f"{source}: point {name!r} relearns, but its runs ({cfg.runs}) have no selective pruning "
+                                f"run for the protocol ({', '.join(ANAMNESIA_SELECTIVE)}); add one or set relearn: false")
         points.append(Point(name, cfg, settings, point_relearn))
 
     _check_out(out_dir, [pt.name for pt in points], source)
     varied = [k for k in FIELDS if k != "run_dir" and len({repr(p.params[k]) for p in points}) > 1]
     return Sweep(source, out_dir, points, varied, keep, relearn)
+
+
+def _check_overlaps(variants: list[Variant], grid: dict[str, list[Any]], seeds: list[int] | None, source: str) -> None:
+    """No parameter is set by a variant and varied by grid or seeds at once."""
+    for v in variants:
+        for axis in grid:
+            if axis in v.overrides:
+                raise SelpruneError(f"{source}: variant {v.name!r} sets {axis}, which grid also varies; "
+                                    "remove it from one of them")
+        if (seeds is not None or v.seeds is not None) and "seed" in v.overrides:
+            raise SelpruneError(f"{source}: variant {v.name!r} sets seed, which seeds also varies; "
+                                "remove it from one of them")
+    if seeds is not None and "seed" in grid:
+        raise SelpruneError(f"{source}: seeds and grid both vary seed; keep one")
 
 
 def _check_out(out: Path, names: list[str], source: str) -> None:
