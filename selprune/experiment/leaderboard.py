@@ -183,8 +183,13 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
 
 def leaderboard_csv(rows: list[dict[str, Any]]) -> str:
     """The leaderboard as CSV text (empty cells for missing numbers: None is not 0)."""
+    return rows_csv(rows, _columns(rows))
+
+
+def rows_csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """Rows as CSV text under `columns`: an empty cell for None or NaN (a missing number is not 0)."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=_columns(rows), lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)

@@ -12,14 +12,12 @@ the others.
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 import statistics
 from pathlib import Path
 from typing import Any
 
-from selprune.experiment.leaderboard import DROPS, HEADLINE
+from selprune.experiment.leaderboard import DROPS, HEADLINE, rows_csv
 from selprune.paths import atomic_write_bytes
 
 SUMMARY_FILE = "summary.csv"  # beside the sweep's leaderboard.csv
@@ -84,13 +82,7 @@ def best_per_run(summary: list[dict[str, Any]], min_seeds: int = 1) -> list[dict
 
 def summary_csv(summary: list[dict[str, Any]]) -> str:
     """The summary as CSV text (empty cells where no seed has a value)."""
-    buf = io.StringIO()
-    columns = list(dict.fromkeys(k for r in summary for k in r)) or ["variant", "run", "seeds"]
-    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    w.writeheader()
-    for r in summary:
-        w.writerow({k: "" if v is None else v for k, v in r.items()})
-    return buf.getvalue()
+    return rows_csv(summary, list(dict.fromkeys(k for r in summary for k in r)) or ["variant", "run", "seeds"])
 
 
 def write_summary(rows: list[dict[str, Any]], out: str | Path) -> Path:
