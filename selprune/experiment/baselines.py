@@ -158,11 +158,13 @@ def checkpoint_steps(steps: int, n: int) -> list[int]:
 class Unlearner:
     """One baseline run: every hyperparameter checked when made (no work yet), then `run`."""
 
-    def __init__(self, model: nn.Module, data: Data, cfg: Config, method: str):
+    def __init__(self, model: nn.Module, data: Data, cfg: Config, method: str,
+                 base: dict[str, Any] | None = None):
         if method not in METHODS:
             raise SelpruneError(f"method={method!r} is not a baseline; pick one of {', '.join(METHODS)}")
         _check_fields(cfg)
         self.model, self.data, self.cfg = model, data, cfg
+        self.base = base  # the model's metrics before training on these windows (record 0), if known
         self.method: UnlearnMethod = METHODS[method]
         self.forget = _windows(data.forget_train, "forget", method)
         self.retain = _windows(data.retain_train, "retain", method) if self.method.needs_retain else None
@@ -213,7 +215,7 @@ class Unlearner:
     def _run(self, device: torch.device, progress: bool) -> list[dict[str, Any]]:
         model, cfg, m, hp = self.model, self.cfg, self.method, self.hp
         meter = ComputeMeter(device)
-        records = [self._record(0, 0, None, {}, 0.0, meter, progress)]
+        records = [self._record(0, 0, None, {}, 0.0, meter, progress, self.base)]
         self._prepare(meter)
         n_layers = find_sites(model).n_layers if m.uses_layer else 1
         params = m.params(model, hp)
@@ -259,16 +261,19 @@ class Unlearner:
         return records
 
     def _record(self, k: int, step: int, loss: float | None, terms: dict[str, float], t_train: float,
-                meter: ComputeMeter, progress: bool) -> dict[str, Any]:
-        """Checkpoint `k` after training step `step`: evaluations (timed apart) and the counts."""
+                meter: ComputeMeter, progress: bool, known: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Checkpoint `k` after training step `step`: evaluations (timed apart) and the counts.
+        `known`: the metrics already measured on this model and these windows (not again)."""
         t = time.perf_counter()
-        metrics = _evaluate_both(self.model, self.data, self.cfg, progress)
+        metrics = {side: known[side] for side in ("forget", "retain")} if known else \
+            _evaluate_both(self.model, self.data, self.cfg, progress)
         return {"step": k, "train_step": step, "fraction": {kind: 0.0 for kind in KINDS}, **metrics,
                 "train_loss": loss, "train_terms": terms,
                 "seconds": {"train": t_train, "eval": time.perf_counter() - t}, "compute": meter.record()}
 
 
-def unlearn(model: nn.Module, data: Data, cfg: Config, method: str, progress: bool = True) -> list[dict[str, Any]]:
+def unlearn(model: nn.Module, data: Data, cfg: Config, method: str, progress: bool = True,
+            base: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Train `model` **in place** with the baseline `method` (a key of
     `selprune.unlearning.METHODS`) for `cfg.unlearn_steps` steps; the records of its curve.
 
@@ -279,6 +284,8 @@ def unlearn(model: nn.Module, data: Data, cfg: Config, method: str, progress: bo
     `ComputeMeter`)}`. GA, GradDiff and NPO(+RT) train every parameter (whatever its
     `requires_grad` flag), RMU only its MLP output projections. Every hyperparameter is
     checked before any work; the model is left
-    in eval mode, with its `requires_grad` flags and the caller's RNG state as they were."""
+    in eval mode, with its `requires_grad` flags and the caller's RNG state as they were.
+    `base`: `{forget, retain}` metrics of `model` as it is on `data`'s test windows (the
+    series' base.json), taken as record 0 instead of evaluating the same model again."""
     require_causal(model, f"the {method} baseline (a next-token loss)")
-    return Unlearner(model, data, cfg, method).run(progress)
+    return Unlearner(model, data, cfg, method, base).run(progress)

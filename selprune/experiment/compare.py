@@ -52,10 +52,11 @@ def baseline_finished(records: list[dict[str, Any]], cfg: Config) -> bool:
 
 
 def run_baseline(cfg: Config, run: str, run_dir: str | Path, model: nn.Module, data: Data, progress: bool = True,
-                 after: After | None = None) -> list[dict[str, Any]]:
+                 after: After | None = None, base: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Run the baseline `run` into `run_dir` (or read its finished records), and with
     `after` also its relearning record (`RELEARN_FILE`), computed on the trained model
-    before it is put back. The model is left as it was."""
+    before it is put back. The model is left as it was. `base`: the unpruned model's
+    metrics on `data` (record 0; see `baselines.unlearn`)."""
     kind = run_kind(run)
     if kind.method is None:
         raise SelpruneError(f"run {run!r} prunes neurons; it is no gradient unlearning baseline")
@@ -65,7 +66,7 @@ def run_baseline(cfg: Config, run: str, run_dir: str | Path, model: nn.Module, d
     if baseline_finished(records, cfg) and (after is None or rd.has(RELEARN_FILE)):
         return records
     with restored(model):
-        records = unlearn(model, data, cfg, kind.method, progress)
+        records = unlearn(model, data, cfg, kind.method, progress, base)
         rd.save_records(records)
         if after is not None:
             rd.write_json(RELEARN_FILE, after(model))

@@ -264,7 +264,7 @@ class Series:
         """07: run (or reuse) the gradient unlearning baseline `run` (e.g. "npo") into its
         folder, and relearn its output under the protocol of 06; the model is put back."""
         records = run_baseline(self.cfg, run, self.run_dir / run, self.model, self.data, self.progress,
-                               after=self._relearn_after)
+                               after=self._relearn_after, base=self.base)
         self.write_results()
         return records
 

@@ -58,6 +58,15 @@ def test_a_baseline_run_leaves_records_and_its_relearning_and_puts_the_model_bac
     assert "peak_memory_mb" not in json.dumps(results), "memory peaks vary: timings.json keeps them"
 
 
+def test_a_series_baseline_starts_from_the_series_base_metrics_not_a_second_evaluation(series, tmp_path):
+    records = series.unlearn("ga")
+    assert {s: records[0][s] for s in ("forget", "retain")} == {s: series.base[s] for s in ("forget", "retain")}
+    assert records[0]["seconds"]["eval"] < 0.01, "record 0 was evaluated again"
+    cfg = Config(**{**TINY, "run_dir": str(tmp_path)})
+    again = run_baseline(cfg, "ga", tmp_path / "ga", series.model, series.data, progress=False)  # evaluates record 0
+    assert [(r["forget"], r["retain"]) for r in again] == [(r["forget"], r["retain"]) for r in records]
+
+
 def test_a_finished_baseline_is_read_back_not_trained_again(series, monkeypatch):
     series.unlearn("ga")
     import selprune.experiment.compare as compare
