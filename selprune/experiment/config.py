@@ -121,10 +121,10 @@ class Config:
     device: str = param("auto", "auto, cpu, cuda, cuda:N or mps", "setup")
     seed: int = param(0, "seed for the collection text's order and random choices (evaluation text is fixed)", "setup",
                       check=lambda v: None if 0 <= v < SEED_LIMIT else "is outside [0, 2^63); use e.g. 0, 1, 2")
-    retrain_steps: int = param(16, "fine-tuning steps on forget text for the anamnesia index", "relearn",
+    retrain_steps: int = param(8, "fine-tuning steps on forget text for the anamnesia index", "relearn",
                                check=at_least(1))
-    retrain_lr: float = param(3e-5, "fine-tuning learning rate (AdamW)", "relearn", check=positive("; e.g. 1e-5"))
-    retrain_batch: int = param(2, "windows per fine-tuning step", "relearn", check=at_least(1))
+    retrain_lr: float = param(6e-5, "fine-tuning learning rate (AdamW)", "relearn", check=positive("; e.g. 1e-5"))
+    retrain_batch: int = param(1, "windows per fine-tuning step", "relearn", check=at_least(1))
     retrain_window: int = param(128, "tokens per fine-tuning window (at most window)", "relearn",
                                 check=at_least(2, " (one input and one target token)"))
     retrain_tokens: int = param(8192, "tokens of relearning text (windows of retrain_window); steps x batch x "
