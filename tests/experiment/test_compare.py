@@ -58,13 +58,21 @@ def test_a_baseline_run_leaves_records_and_its_relearning_and_puts_the_model_bac
     assert "peak_memory_mb" not in json.dumps(results), "memory peaks vary: timings.json keeps them"
 
 
-def test_a_series_baseline_starts_from_the_series_base_metrics_not_a_second_evaluation(series, tmp_path):
-    records = series.unlearn("ga")
+def test_a_series_baseline_starts_from_the_series_base_metrics_not_a_second_evaluation(series, tmp_path,
+                                                                                     monkeypatch):
+    records = series.unlearn("ga")  # the series hands its base.json metrics on as record 0
     assert {s: records[0][s] for s in ("forget", "retain")} == {s: series.base[s] for s in ("forget", "retain")}
-    assert records[0]["seconds"]["eval"] < 0.01, "record 0 was evaluated again"
+    import selprune.experiment.baselines as baselines
+
+    calls = []
+    evaluate_both = baselines._evaluate_both
+    monkeypatch.setattr(baselines, "_evaluate_both", lambda *a, **k: calls.append(1) or evaluate_both(*a, **k))
     cfg = Config(**{**TINY, "run_dir": str(tmp_path)})
-    again = run_baseline(cfg, "ga", tmp_path / "ga", series.model, series.data, progress=False)  # evaluates record 0
-    assert [(r["forget"], r["retain"]) for r in again] == [(r["forget"], r["retain"]) for r in records]
+    given = run_baseline(cfg, "ga", tmp_path / "a", series.model, series.data, progress=False, base=series.base)
+    assert len(calls) == 2, "with base: only the 2 checkpoints are evaluated, not record 0 again"
+    again = run_baseline(cfg, "ga", tmp_path / "b", series.model, series.data, progress=False)
+    assert len(calls) == 2 + 3, "without base: record 0 and the 2 checkpoints"
+    assert [(r["forget"], r["retain"]) for r in again] == [(r["forget"], r["retain"]) for r in given]
 
 
 def test_a_finished_baseline_is_read_back_not_trained_again(series, monkeypatch):
