@@ -176,6 +176,20 @@ def _head_into(head: nn.Linear, x: torch.Tensor, rows: int, scratch: dict[str, t
     return torch.addmm(head.bias, x, w.t(), out=out)
 
 
+def _allocate(weight: torch.Tensor, scratch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The accumulators of `_evaluate` (`[5]` int64 counts, `[]` float64 loss sum) on the LM
+    head `weight`'s device, and on the CPU `_reduce_rows`' log-probability buffer, made before
+    the first forward pass. Made after it, these small long-lived tensors land on the heap
+    above the body's freed temporaries, which glibc then can neither trim nor reuse: the
+    pruning step's peak resident memory varied by ~100 MB from run to run."""
+    device = weight.device
+    if device.type == "cpu":
+        rows = max(1, _CHUNK_BYTES // (4 * weight.shape[0]))
+        scratch["logp"] = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=device)
+    return (torch.zeros(5, dtype=torch.int64, device=device),
+            torch.zeros((), dtype=torch.float64, device=float64_device(device)))
+
+
 def _reduce_rows(logits: torch.Tensor, nxt: torch.Tensor, top10: torch.Tensor, logp: torch.Tensor,
                  scratch: dict[str, torch.Tensor]) -> None:
     """Write the top-k ids of every row of `logits` `[rows, vocab]` (any float dtype) into
@@ -223,6 +237,8 @@ def _evaluate(model: nn.Module, windows: torch.Tensor, skip_ids: torch.Tensor | 
     sums: torch.Tensor | None = None  # [5] int64: top1, top10, n_skip, top1_skip, top10_skip
     loss_sum: torch.Tensor | None = None  # [] float64, on float64_device of the logits' device
     scratch: dict[str, torch.Tensor] = {}  # [rows, vocab] buffers (logits, float32), reused across chunks and batches
+    if parts is not None:  # the long-lived buffers before the first forward pass: see `_allocate`
+        sums, loss_sum = _allocate(parts[1].weight, scratch)
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
         ids = windows[start : start + batch_size].to(in_device)  # [batch, pos]
         b, p = ids.shape
@@ -237,9 +253,10 @@ def _evaluate(model: nn.Module, windows: torch.Tensor, skip_ids: torch.Tensor | 
             hi = lo + logits.shape[0]
             _reduce_rows(logits, nxt[lo:hi], top10[lo:hi], logp[lo:hi], scratch)
             del logits  # before the next chunk is made
-        if sums is None:
-            sums = torch.zeros(5, dtype=torch.int64, device=device)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=float64_device(device))
+        if sums is None or sums.device != device:  # none yet (the full forward), or the head's output moved
+            sums = torch.zeros(5, dtype=torch.int64, device=device) if sums is None else sums.to(device)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=float64_device(device)) if loss_sum is None \
+                else loss_sum.to(float64_device(device))
         # The last position of each window, which has no target, is dropped from the small per-row results.
         target = ids[:, 1:]  # [batch, pos-1]
         top10 = top10.view(b, p, -1)[:, :-1]  # [batch, pos-1, 10]

@@ -136,6 +136,31 @@ def test_collector_counts_every_token_of_every_batch() -> None:
     torch.testing.assert_close(stats.mean("ff"), ref.mean("ff"), rtol=1e-5, atol=1e-6)
 
 
+def test_collector_makes_every_layers_sums_before_the_first_forward() -> None:
+    """The sums, keep-masks and histograms exist once the collector is entered (made lazily
+    in the hook, they fragmented the CPU heap: the pruning step's peak memory varied by
+    300 MB); a layer on the meta device gets them in its hook, and a layer no token reached
+    reads as zeros."""
+    model = tiny_model("llama")
+    sites = find_sites(model)
+    removed = {k: torch.zeros(sites.shape(k), dtype=torch.bool) for k in KINDS}
+    removed["ff"][1, 2] = True
+    col = StatsCollector(sites, removed, hist_bins=4)
+    with col:
+        keys = {(k, layer) for k in KINDS for layer in range(sites.n_layers)}
+        assert set(col._acc) == set(col._keep) == set(col._hist) == keys
+        assert col._keep[("ff", 1)][2] == 0 and col._keep[("ff", 1)].sum() == sites.shape("ff")[1] - 1
+        assert all(a.abs().sum() == 0 for a in col._acc.values())
+    meta = _linear_sites()
+    meta.ff[0].to("meta")
+    with StatsCollector(meta) as col:
+        assert ("ff", 0) not in col._acc and ("ff", 1) in col._acc
+        col._hook("ff", 0)(meta.ff[0], (torch.ones(1, 2, 3),))  # the hook makes what __enter__ could not
+        assert col._acc[("ff", 0)][0].tolist() == [2.0, 2.0, 2.0]  # sum over the 2 tokens
+    stats = col.result()
+    assert stats.sums["ff"]["sum"][1].abs().sum() == 0
+
+
 def test_histogram_counts_every_token_once_per_neuron() -> None:
     model = tiny_model("gpt2")
     sites = find_sites(model)
