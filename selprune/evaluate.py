@@ -41,8 +41,8 @@ from selprune.vision import evaluate_classes
 
 METRICS = ("top1", "top10", "top1_skip", "top10_skip", "loss", "perplexity")
 _CHUNK_BYTES = 8 << 20  # on the CPU, float32 logits per chunk of rows (8 MiB: ~40 rows of a 49k vocabulary)
-# float32 logits per LM-head call (320 MiB: 320 rows of a 262k vocabulary, a whole batch of 8 x 256 of
-# a 49k one). Fewer rows per call cost speed: every call re-packs the whole head weight. On the
+# float32 logits per LM-head call at most (320 MiB: 320 rows of a 262k vocabulary, so a batch of 8 x 256
+# in 7 calls of 292-293 rows; a whole such batch of a 49k one). Fewer rows per call cost speed: every call re-packs the whole head weight. On the
 # 262k config (2026-12-02): the head's matmuls over 8 x 256 rows in chunks of 256, 384 and 1024 rows
 # took 1.05x, 1.00x and 0.99x one 2048-row call; evaluation with 320-row chunks added 0.17-0.18 of
 # a bare forward's memory after the default model had run in the process (384 rows: 0.21; in
@@ -135,8 +135,8 @@ def _logit_chunks(model: nn.Module, ids: torch.Tensor, parts: tuple[nn.Module, n
     `[batch, pos]`: chunks from the body's hidden states through the head when `parts` (of
     `_body_and_head`) is given, else one chunk, the full forward's logits.
 
-    Chunks have `_HEAD_BYTES` of float32 logits, at most `_MAX_HEAD_ROWS` and at least `_MIN_HEAD_ROWS` rows (a short
-    last one joins the one before), or the whole batch if it has fewer rows: then every
+    Chunks (`head_bounds`) have at most `_HEAD_BYTES` of float32 logits and `_MAX_HEAD_ROWS`
+    rows, at least `_MIN_HEAD_ROWS`, or the whole batch if it has fewer rows: then every
     head call is a matmul of the same kind as the full forward's, and its logits the same bits.
     With `scratch`, the chunks are written into one buffer kept there (`_head_into`): the
     yielded logits are a view of it, valid until the next chunk is asked for."""
@@ -147,10 +147,7 @@ def _logit_chunks(model: nn.Module, ids: torch.Tensor, parts: tuple[nn.Module, n
     body, head, cap = parts
     hidden = body(input_ids=ids, use_cache=False).last_hidden_state  # [batch, pos, d_model]
     hidden = hidden.reshape(-1, hidden.shape[-1])  # [batch * pos, d_model]
-    step = max(_MIN_HEAD_ROWS, min(_MAX_HEAD_ROWS, _HEAD_BYTES // (4 * head.weight.shape[0])))
-    bounds = [*range(0, len(hidden), step), len(hidden)]
-    if len(bounds) > 2 and bounds[-1] - bounds[-2] < _MIN_HEAD_ROWS:
-        del bounds[-2]
+    bounds = head_bounds(len(hidden), head.weight.shape[0])
     rows = max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
     for lo, hi in zip(bounds, bounds[1:], strict=False):
         logits = _head_into(head, hidden[lo:hi], rows, scratch)  # [hi - lo, vocab]
@@ -158,6 +155,20 @@ def _logit_chunks(model: nn.Module, ids: torch.Tensor, parts: tuple[nn.Module, n
             logits = logits.div_(cap).tanh_().mul_(cap)
         yield lo, logits
         del logits  # before the next chunk is made: one chunk of logits at a time
+
+
+def head_bounds(n: int, vocab: int) -> list[int]:
+    """Row bounds of the LM-head calls over `n` rows of a `vocab`-sized head: the fewest calls
+    of at most `_HEAD_BYTES` of float32 logits (and `_MAX_HEAD_ROWS` rows) each, of equal size
+    within a row; fewer, larger calls where that would make one of under `_MIN_HEAD_ROWS`
+    (then one call if `n` itself is under it).
+
+    Equal sizes make the logits buffer no larger than the calls need: 2,048 rows of a 262k
+    vocabulary at 320 rows per call are 7 calls of 292-293 rows (a 293-row buffer), where
+    320-row calls and the 128 left over needed 320."""
+    budget = max(_MIN_HEAD_ROWS, min(_MAX_HEAD_ROWS, _HEAD_BYTES // (4 * vocab)))
+    calls = max(1, min(-(-n // budget), n // _MIN_HEAD_ROWS))
+    return [i * n // calls for i in range(calls + 1)]
 
 
 def _head_into(head: nn.Linear, x: torch.Tensor, rows: int, scratch: dict[str, torch.Tensor] | None) -> torch.Tensor:

@@ -168,8 +168,8 @@ def test_chunked_head_metrics_bit_identical_to_full_forward(family, overrides, h
     assert 0 < got["tokens_skip"] < got["tokens"] and got["top10"] > 0
     rows = [s[0] for s in shapes]
     assert all(len(s) == 2 for s in shapes) and sum(rows) == 7 * 33  # 2-D chunks of the batches' rows
-    # batches of 99, 99 and 33 rows; a last chunk under _MIN_HEAD_ROWS (16) joins the one before
-    per_batch = {None: [[99], [33]], 16: [[16] * 5 + [19], [16, 17]], 21: [[21, 21, 21, 36], [33]]}[head_rows]
+    # batches of 99, 99 and 33 rows in the fewest calls of at most head_rows rows, of equal size, none under 16
+    per_batch = {None: [[99], [33]], 16: [[16, 17] * 3, [16, 17]], 21: [[19, 20, 20, 20, 20], [16, 17]]}[head_rows]
     assert rows == per_batch[0] * 2 + per_batch[1]
 
 
@@ -182,11 +182,31 @@ def test_chunked_logits_equal_full_forward_logits(family, overrides, monkeypatch
     with torch.inference_mode():
         full = model(input_ids=ids, use_cache=False).logits.reshape(4 * 30, 200)
         chunks = [(lo, lg.clone()) for lo, lg in ev._logit_chunks(model, ids, ev._body_and_head(model))]
-    assert [len(lg) for _, lg in chunks] == [17] * 6 + [18]  # 120 rows: the one left over joins the last chunk
+    # 120 rows at most 17 per call would be 8 calls, one under 16 rows: 7 calls of 17-18
+    assert [len(lg) for _, lg in chunks] == [17] * 6 + [18]
     assert [lo for lo, _ in chunks] == list(range(0, 103, 17))
     assert torch.equal(torch.cat([lg for _, lg in chunks]), full)
     if overrides:
         assert full.abs().max() <= 3.0  # soft-capped
+
+
+@pytest.mark.parametrize("budget", [16, 17, 40, 320, 1024])
+def test_head_bounds_fewest_equal_calls_within_the_budget(budget, monkeypatch) -> None:
+    """Every row in exactly one call; calls of equal size within a row; none over the budget
+    unless keeping every call at 16 rows or more needs it; none under 16 unless the batch is;
+    and no fewer calls would do."""
+    vocab = 1000
+    monkeypatch.setattr(ev, "_HEAD_BYTES", 4 * vocab * budget)
+    for n in [*range(1, 80), 99, 120, 2048, 2049, 5000]:
+        bounds = ev.head_bounds(n, vocab)
+        sizes = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+        assert bounds[0] == 0 and bounds[-1] == n and all(s > 0 for s in sizes), (n, bounds)
+        assert max(sizes) - min(sizes) <= 1, (n, sizes)
+        assert min(sizes) >= 16 or len(sizes) == 1, (n, sizes)
+        if max(sizes) > budget:  # over the budget only where one more call would go under 16 rows
+            assert n // (len(sizes) + 1) < 16, (n, sizes)
+        if len(sizes) > 1:  # the fewest calls: one fewer would go over the budget
+            assert -(-n // (len(sizes) - 1)) > budget, (n, sizes)
 
 
 def test_a_hook_on_the_head_still_runs_on_every_chunk() -> None:
