@@ -70,7 +70,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
-import ctypes  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -88,7 +87,7 @@ import transformers  # noqa: E402
 
 from selprune.data import Data  # noqa: E402
 from selprune.evaluate import evaluate  # noqa: E402
-from selprune.experiment.baselines import unlearn  # noqa: E402
+from selprune.experiment.baselines import release_free_heap, unlearn  # noqa: E402
 from selprune.experiment.config import Config, validate  # noqa: E402
 from selprune.experiment.loop import data_for, run_pruning  # noqa: E402
 from selprune.experiment.retrain import restored, retrain  # noqa: E402
@@ -136,15 +135,6 @@ def memory() -> tuple[int, int, str]:
 def _ru_maxrss() -> int:
     """The process's all-time peak RSS in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-def _malloc_trim() -> None:
-    """Hand the C heap's free memory back to the system (glibc only), so that each memory
-    window starts from the same state rather than from whatever the allocator kept."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class PeakMemory:
@@ -308,7 +298,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bare_full(test[: args.batch_size])
     collect(budgets[1][: args.batch_size])
     gc.collect()
-    _malloc_trim()
+    release_free_heap()
     rss_warm, anon_warm, _ = memory()  # weights are mmapped: only a first forward makes them resident
 
     log("collection at 1x, 2x, 4x the budget, with memory sampling")
@@ -316,7 +306,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     peaks: dict[int, PeakMemory] = {}
     for mult in (1, 4, 2):  # 1x and 4x first, so their memory is measured before anything else grows it
         gc.collect()
-        _malloc_trim()
+        release_free_heap()
         with PeakMemory() as peak:
             scaling[mult] = timed(lambda w=budgets[mult]: collect(w), device)[0]
         peaks[mult] = peak
@@ -347,7 +337,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data = data_for(cfg, tok)
     prepare_s = time.perf_counter() - t0
     gc.collect()
-    _malloc_trim()
+    release_free_heap()
     with tempfile.TemporaryDirectory(prefix="selprune-bench-") as run_dir, PeakMemory() as step_peak:
         t0 = time.perf_counter()
         records, pruner = run_pruning(cfg, "both", run_dir, model, tok, data=data, progress=False)
@@ -475,7 +465,7 @@ def run_training(args: argparse.Namespace, cfg: Config, model: torch.nn.Module, 
 def extra_anon(fn: Callable[[], Any]) -> float:
     """MB of anonymous RSS that one call of `fn` adds at its sampled peak over the RSS before it."""
     gc.collect()
-    _malloc_trim()
+    release_free_heap()
     before = memory()[1]
     with PeakMemory() as peak:
         fn()

@@ -146,6 +146,39 @@ def test_records_have_the_pruning_format_and_compute_adds_up(method):
     assert records[-1]["compute"]["peak_memory_mb"] is None or records[-1]["compute"]["peak_memory_mb"] >= 0
 
 
+def _glibc_linux() -> bool:
+    import ctypes
+    import os
+
+    try:
+        return hasattr(ctypes.CDLL(None), "malloc_trim") and os.access("/proc/self/clear_refs", os.W_OK)
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _glibc_linux(), reason="CPU peak memory is read from Linux /proc with glibc's heap")
+def test_cpu_peak_counts_memory_the_heap_kept_from_earlier_work():
+    """Memory that earlier work freed stays resident in the C heap; a meter made after it must
+    still count what its own work needs (the second of two identical baselines in one process
+    measured ~0 MB before the heap was released first)."""
+    import ctypes
+
+    from selprune.experiment.baselines import ComputeMeter
+
+    def fill(n: int) -> list[torch.Tensor]:  # n x 64 KiB blocks: below glibc's mmap threshold, on the heap
+        return [torch.ones(16384) for _ in range(n)]
+
+    ctypes.CDLL(None).malloc_trim(0)
+    blocks = fill(2000)  # 125 MiB
+    pin = fill(1)  # above them: the heap cannot shrink past it on its own
+    del blocks  # freed, but resident
+    meter = ComputeMeter(torch.device("cpu"))
+    with meter.measure():
+        again = fill(2000)
+    del again, pin
+    assert meter.peak_bytes is not None and meter.peak_bytes > 100 << 20, meter.peak_bytes
+
+
 def test_compute_record_defaults_to_forward_plus_twice_backward():
     assert compute_record(100, 30)["forward_equiv_tokens"] == 160
     assert compute_record(100, 0, 50.0, 3 << 20, 1.5) == {
