@@ -41,12 +41,13 @@ from selprune.vision import evaluate_classes
 
 METRICS = ("top1", "top10", "top1_skip", "top10_skip", "loss", "perplexity")
 _CHUNK_BYTES = 8 << 20  # on the CPU, float32 logits per chunk of rows (8 MiB: ~40 rows of a 49k vocabulary)
-# float32 logits per LM-head call at most (320 MiB: 320 rows of a 262k vocabulary, so a batch of 8 x 256
-# in 7 calls of 292-293 rows; a whole such batch of a 49k one). Fewer rows per call cost speed: every call re-packs the whole head weight. On the
-# 262k config (2026-12-02): the head's matmuls over 8 x 256 rows in chunks of 256, 384 and 1024 rows
-# took 1.05x, 1.00x and 0.99x one 2048-row call; evaluation with 320-row chunks added 0.17-0.18 of
-# a bare forward's memory after the default model had run in the process (384 rows: 0.21; in
-# one full benchmark run 0.255), at the same speed within the noise.
+# float32 logits per LM-head call at most (320 MiB: 320 rows of a 262k vocabulary, so a batch of
+# 8 x 256 rows goes in 7 calls of 292-293; a whole such batch of a 49k one). Fewer rows per call
+# cost speed: every call re-packs the whole head weight. On the 262k config (2026-12-02): the
+# head's matmuls over 8 x 256 rows in calls of 256, 384 and 1024 rows took 1.05x, 1.00x and 0.99x
+# one 2048-row call. With equal calls, evaluation added 0.170 of a bare forward's memory at this
+# budget, 0.191 at 384 MiB (6 calls of 341-342 rows), each at 1.2x the speed of the bare forward,
+# whose fresh 2 GiB of logits took ~2 s of page faults on that host (this buffer is reused).
 _HEAD_BYTES = 320 << 20
 # The most rows in one LM-head call: 1024 rows of a 49k vocabulary are 192 MiB, half of a whole
 # batch's logits, at the same speed (0.99x of one call per batch, measured on the default model);
