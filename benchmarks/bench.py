@@ -413,7 +413,9 @@ def run_training(args: argparse.Namespace, cfg: Config, model: torch.nn.Module, 
     relearning loop (`retrain`, its evaluations left out: the records' train seconds) and
     of gradient ascent (`unlearn`, method seconds), against a bare step of the same batch:
     forward, cross-entropy, backward, fused AdamW, nothing else. The model is put back
-    after each pass (`restored`)."""
+    after each pass (`restored`). Every pass starts from a heap with its free pages handed
+    back (`release_free_heap`), as `unlearn`'s compute meter starts: each then faults in
+    the memory its steps need, as the first pass in a fresh process does."""
     window = min(Config.retrain_window, args.window)
     rcfg = cfg.replace(retrain_steps=TRAIN_STEPS, retrain_batch=2, retrain_window=window, retrain_lr=1e-6,
                        retrain_eval_tokens=window, unlearn_steps=TRAIN_STEPS, unlearn_batch=2, unlearn_checkpoints=1,
@@ -425,6 +427,7 @@ def run_training(args: argparse.Namespace, cfg: Config, model: torch.nn.Module, 
 
     def bare() -> float:
         with restored(model):
+            release_free_heap()
             model.train()
             params = list(model.parameters())
             opt = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0, fused=True)
@@ -441,6 +444,7 @@ def run_training(args: argparse.Namespace, cfg: Config, model: torch.nn.Module, 
 
     def relearning() -> float:
         with restored(model):
+            release_free_heap()
             curve = retrain(model, None, None, tiny, rcfg, progress=False, train=train)
         return sum(r["seconds"]["train"] for r in curve)
 
