@@ -145,7 +145,7 @@ class Config:
     unlearn_lr: float | None = param(
         None, "a baseline's learning rate (AdamW); None: the method's default (selprune.unlearning.METHODS)",
         "unlearn", check=lambda v: None if v is None else positive("; e.g. 1e-5, or None for the method's default")(v))
-    unlearn_batch: int = param(2, "forget windows (and as many retain windows) per baseline step", "unlearn",
+    unlearn_batch: int = param(1, "forget windows (and as many retain windows) per baseline step", "unlearn",
                                check=at_least(1))
     unlearn_checkpoints: int = param(4, "evaluations of forget and retain during a baseline's training, evenly "
                                      "spaced, the last at unlearn_steps", "unlearn", check=at_least(1))
