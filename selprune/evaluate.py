@@ -202,8 +202,17 @@ def _allocate(weight: torch.Tensor, scratch: dict[str, torch.Tensor]) -> tuple[t
     if device.type == "cpu":
         rows = max(1, _CHUNK_BYTES // (4 * weight.shape[0]))
         scratch["logp"] = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=device)
-    return (torch.zeros(5, dtype=torch.int64, device=device),
-            torch.zeros((), dtype=torch.float64, device=float64_device(device)))
+    return _accumulators(device, None, None)
+
+
+def _accumulators(device: torch.device, sums: torch.Tensor | None,
+                  loss_sum: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_evaluate`'s `[5]` int64 counts and `[]` float64 loss sum on `device` (the loss sum on
+    its float64 device): made (zeros) where None, moved where they live elsewhere."""
+    sums = torch.zeros(5, dtype=torch.int64, device=device) if sums is None else sums.to(device)
+    f64 = float64_device(device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=f64) if loss_sum is None else loss_sum.to(f64)
+    return sums, loss_sum
 
 
 def _reduce_rows(logits: torch.Tensor, nxt: torch.Tensor, top10: torch.Tensor, logp: torch.Tensor,
@@ -273,9 +282,7 @@ def _evaluate(model: nn.Module, windows: torch.Tensor, skip_ids: torch.Tensor | 
             _reduce_rows(logits, nxt[lo:hi], top10[lo:hi], logp[lo:hi], scratch)
             del logits  # before the next chunk is made
         if sums is None or sums.device != device:  # none yet (the full forward), or the head's output moved
-            sums = torch.zeros(5, dtype=torch.int64, device=device) if sums is None else sums.to(device)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=float64_device(device)) if loss_sum is None \
-                else loss_sum.to(float64_device(device))
+            sums, loss_sum = _accumulators(device, sums, loss_sum)
         # The last position of each window, which has no target, is dropped from the small per-row results.
         target = ids[:, 1:]  # [batch, pos-1]
         top10 = top10.view(b, p, -1)[:, :-1]  # [batch, pos-1, 10]

@@ -133,6 +133,16 @@ def empty_stats(sites: NeuronSites, hist_bins: int = 0, device: torch.device | s
 
 
 # ------------------------------------------------------------------------ collection
+def _float64_slot(store: dict[tuple[str, int], torch.Tensor], key: tuple[str, int], shape: tuple[int, ...],
+                  device: torch.device) -> torch.Tensor:
+    """`store[key]`: float64 sums of `shape` on `float64_device(device)`, made (zeros) where
+    missing, moved where they live elsewhere (made on the weight's device, the input is on another)."""
+    want, t = float64_device(device), store.get(key)
+    if t is None or t.device != want:
+        t = store[key] = torch.zeros(shape, dtype=torch.float64, device=want) if t is None else t.to(want)
+    return t
+
+
 class StatsCollector:
     """Forward pre-hooks on every output projection that add each batch into the sums.
 
@@ -181,12 +191,12 @@ class StatsCollector:
         if param is None or param.device.type == "meta":
             return
         key, d = (kind, layer), math.prod(self.sites.shape(kind)[1:])
-        self._acc[key] = torch.zeros((len(FIELDS), d), dtype=torch.float64, device=float64_device(param.device))
+        _float64_slot(self._acc, key, (len(FIELDS), d), param.device)
         removed = self.removed.get(kind)
         if removed is not None:
             self._keep[key] = (~removed[layer].reshape(-1)).to(param.device, torch.float32)
         if self.hist_bins:
-            self._hist[key] = torch.zeros(d * self.hist_bins, dtype=torch.float64, device=float64_device(param.device))
+            _float64_slot(self._hist, key, (d * self.hist_bins,), param.device)
 
     def __exit__(self, *exc: Any) -> None:
         for h in self._handles:
@@ -236,11 +246,7 @@ class StatsCollector:
         rows = max(1, min(t, _TILE_BYTES // (4 * d) if x.device.type == "cpu" else t, _MAX_EXACT))
         work = self._buffer(1, (rows, d), x.device)
         part = self._buffer(2, (len(FIELDS), d), x.device)
-        acc = self._acc.get(key)
-        if acc is None:
-            acc = self._acc[key] = torch.zeros((len(FIELDS), d), dtype=torch.float64, device=float64_device(x.device))
-        elif acc.device != float64_device(x.device):  # made on the weight's device, the input is elsewhere
-            acc = self._acc[key] = acc.to(float64_device(x.device))
+        acc = _float64_slot(self._acc, key, (len(FIELDS), d), x.device)  # made in _allocate, unless meta/param-less
         bins = self.hist_bins
         itype = torch.int32 if d * bins < 2**31 else torch.int64
         idx = self._buffer(4, (t, d), x.device, itype) if bins else None  # histogram bin of each value
@@ -266,11 +272,7 @@ class StatsCollector:
                 idx[start : start + n].copy_(w)
         if bins:  # neuron j's bins are offset by j * bins: one count over all neurons
             idx += torch.arange(0, d * bins, bins, device=x.device, dtype=itype)
-            hist = self._hist.get(key)
-            if hist is None:
-                hist = self._hist[key] = torch.zeros(d * bins, dtype=torch.float64, device=float64_device(x.device))
-            elif hist.device != float64_device(x.device):
-                hist = self._hist[key] = hist.to(float64_device(x.device))
+            hist = _float64_slot(self._hist, key, (d * bins,), x.device)
             if x.device.type in _BINCOUNT_DEVICES:
                 hist += torch.bincount(idx.view(-1), minlength=d * bins).to(hist.device)
             else:  # bincount reads its largest index back to the host to size its output: a sync per batch

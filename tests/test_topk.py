@@ -95,6 +95,14 @@ def test_other_dtypes_use_topk() -> None:
     assert torch.equal(topk_ids(x, 10), x.topk(10, dim=-1).indices)
 
 
+def test_rows_that_are_not_contiguous_use_topk() -> None:
+    """A column-major `[rows, v]` (a transposed logits buffer) cannot be cut into block views:
+    such input goes through torch.topk rather than failing."""
+    x = torch.randn(BLOCK * 20, 5, generator=torch.Generator().manual_seed(4)).t()  # [5, v], stride (1, 5)
+    assert x.stride(-1) != 1
+    assert torch.equal(topk_ids(x, 10), x.topk(10, dim=-1).indices)
+
+
 def test_evaluation_metrics_equal_those_of_torch_topk(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a model whose vocabulary has enough blocks for the short path, every metric is
     the same as with torch.topk in its place."""
