@@ -161,14 +161,12 @@ def test_cpu_peak_counts_memory_the_heap_kept_from_earlier_work():
     """Memory that earlier work freed stays resident in the C heap; a meter made after it must
     still count what its own work needs (the second of two identical baselines in one process
     measured ~0 MB before the heap was released first)."""
-    import ctypes
-
-    from selprune.experiment.baselines import ComputeMeter
+    from selprune.experiment.baselines import ComputeMeter, release_free_heap
 
     def fill(n: int) -> list[torch.Tensor]:  # n x 64 KiB blocks: below glibc's mmap threshold, on the heap
         return [torch.ones(16384) for _ in range(n)]
 
-    ctypes.CDLL(None).malloc_trim(0)
+    release_free_heap()
     blocks = fill(2000)  # 125 MiB
     pin = fill(1)  # above them: the heap cannot shrink past it on its own
     del blocks  # freed, but resident
