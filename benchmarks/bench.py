@@ -48,7 +48,9 @@ retain = `prose`), never touching the network, and prints ONE JSON object to std
   anonymous RSS that a bare forward with logits adds over the loaded model, that which
   `evaluate` adds, and `evaluate_over_bare` (issue #19: at most 0.25); then interleaved
   throughput of the bare full forward, of `evaluate` (`ratio` = evaluate / bare, target
-  >= 0.95) and of the body alone (`body_over_full`).
+  >= 0.95) and of the body alone (`body_over_full`); `evaluate_phases`: one more evaluate
+  call split into the body, the LM-head matmuls and the per-chunk reduce (seconds), with the
+  anonymous RSS it adds when the body is done (`after_body_extra_mb`) and at its peak.
 
 - `--step-memory` alone: one pruning step (run `both`) in a process that has done nothing
   else, its peak RSS as a whole process's (the reference library's 1.39 GB was measured so).
@@ -476,6 +478,45 @@ def extra_anon(fn: Callable[[], Any]) -> float:
     return (peak.peak_anon - before) / MB
 
 
+def eval_phases(fn: Callable[[], Any], device: torch.device) -> dict[str, float]:
+    """Where one call of `fn` (an `evaluate`) spends its time and memory: seconds in the body
+    (the start to the first LM-head call), in the head's matmuls and in the per-chunk reduce
+    (`selprune.evaluate._head_into` and `_reduce_rows`, wrapped for this call only), and the
+    anonymous RSS over that before the call at the first head call (what the body left) and at
+    the sampled peak."""
+    from selprune import evaluate as ev
+
+    head0, reduce0 = ev._head_into, ev._reduce_rows
+    spent = {"head_s": 0.0, "reduce_s": 0.0}
+    first: dict[str, float] = {}
+
+    def wrap(fn0: Callable[..., Any], key: str) -> Callable[..., Any]:
+        def wrapped(*a: Any, **k: Any) -> Any:
+            _sync(device)
+            t0 = time.perf_counter()
+            if key == "head_s" and not first:
+                first.update(body_s=t0 - start, after_body_extra_mb=(memory()[1] - before) / MB)
+            out = fn0(*a, **k)
+            _sync(device)
+            spent[key] += time.perf_counter() - t0
+            return out
+        return wrapped
+
+    gc.collect()
+    release_free_heap()
+    before = memory()[1]
+    ev._head_into, ev._reduce_rows = wrap(head0, "head_s"), wrap(reduce0, "reduce_s")
+    try:
+        with PeakMemory() as peak:
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            total = time.perf_counter() - start
+    finally:
+        ev._head_into, ev._reduce_rows = head0, reduce0
+    return {"total_s": total, **first, **spent, "peak_extra_mb": (peak.peak_anon - before) / MB}
+
+
 def run_eval_memory(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluation against a bare forward with logits on a random-init Gemma 3 of released
     dimensions (issue #19): the memory each adds over the loaded model on one batch, then
@@ -513,6 +554,7 @@ def run_eval_memory(args: argparse.Namespace) -> dict[str, Any]:
     result["body_tokens_per_s"] = tokens / statistics.median(w for w, _ in body_times)
     result["body_over_full"] = result["body_tokens_per_s"] / result["bare_tokens_per_s"]
     result["body_seconds"] = [w for w, _ in body_times]
+    result["evaluate_phases"] = eval_phases(evaluate_batch, device)
     return result
 
 

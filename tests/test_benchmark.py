@@ -61,6 +61,11 @@ def test_tiny_benchmark_prints_well_formed_json(tmp_path, real_cache) -> None:
         assert _positive(em[key]), (key, em[key])
     for key in ("bare_extra_mb", "evaluate_extra_mb"):
         assert isinstance(em[key], int | float) and math.isfinite(em[key])
+    phases = em["evaluate_phases"]  # one evaluate call, by phase: the body, the LM-head calls, the reduce
+    for key in ("total_s", "body_s", "head_s", "reduce_s"):
+        assert _positive(phases[key]), (key, phases[key])
+    assert phases["body_s"] + phases["head_s"] + phases["reduce_s"] <= 1.001 * phases["total_s"]
+    assert math.isfinite(phases["after_body_extra_mb"]) and math.isfinite(phases["peak_extra_mb"])
 
     step = result["pruning_step"]
     for phase in ("collect", "score", "prune", "eval", "total", "eval_unpruned"):
