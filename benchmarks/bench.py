@@ -468,11 +468,17 @@ def run_training(args: argparse.Namespace, cfg: Config, model: torch.nn.Module, 
             "ratio_ga_vs_bare_per_token": per_s["ga"] / per_s["bare"], "seconds": times}
 
 
-def extra_anon(fn: Callable[[], Any]) -> float:
-    """MB of anonymous RSS that one call of `fn` adds at its sampled peak over the RSS before it."""
+def released_anon() -> int:
+    """The anonymous RSS in bytes after garbage collection and with the C heap's free pages
+    handed back: the baseline that a measured call's added memory is read from."""
     gc.collect()
     release_free_heap()
-    before = memory()[1]
+    return memory()[1]
+
+
+def extra_anon(fn: Callable[[], Any]) -> float:
+    """MB of anonymous RSS that one call of `fn` adds at its sampled peak over the RSS before it."""
+    before = released_anon()
     with PeakMemory() as peak:
         fn()
     return (peak.peak_anon - before) / MB
@@ -502,9 +508,7 @@ def eval_phases(fn: Callable[[], Any], device: torch.device) -> dict[str, float]
             return out
         return wrapped
 
-    gc.collect()
-    release_free_heap()
-    before = memory()[1]
+    before = released_anon()
     ev._head_into, ev._reduce_rows = wrap(head0, "head_s"), wrap(reduce0, "reduce_s")
     try:
         with PeakMemory() as peak:
