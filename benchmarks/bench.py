@@ -4,7 +4,7 @@ Usage::
 
     .venv/bin/python benchmarks/bench.py [--tokens N] [--window W] [--batch-size B]
         [--dtype D] [--device DEV] [--repeats R] [--threads T] [--out FILE]
-        [--eval-memory-config gemma3-270m] [--step-memory]
+        [--eval-memory-config gemma3-270m] [--max-batch N] [--step-memory]
 
 Runs the embedded model (`smollm2-135m`) on the bundled data (forget = `code`,
 retain = `prose`), never touching the network, and prints ONE JSON object to stdout
@@ -51,6 +51,16 @@ retain = `prose`), never touching the network, and prints ONE JSON object to std
   >= 0.95) and of the body alone (`body_over_full`); `evaluate_phases`: one more evaluate
   call split into the body, the LM-head matmuls and the per-chunk reduce (seconds), with the
   anonymous RSS it adds when the body is done (`after_body_extra_mb`) and at its peak.
+- `batch_search` (only with `--max-batch N`; also inside `eval_memory`): for the bare full
+  forward, `collect_stats` and `evaluate`, the largest batch of random windows, up to N, that
+  fits in the device's memory (doubling from `--batch-size`, then bisecting to within an
+  eighth), with one timed call there (`tokens_per_s`) and the GPU memory it adds at its
+  peak (`peak_extra_gpu_mb`); `at_bare_batch`: evaluate against the bare forward, interleaved,
+  at the largest batch both fit. On CPU nothing signals running out of memory (the kernel
+  kills the process), so there N must fit.
+- On CUDA, `evaluation` and `eval_memory` also give `bare_extra_gpu_mb`, `evaluate_extra_gpu_mb`
+  and `evaluate_over_bare_gpu`: the GPU memory each allocates over the batch, from torch's
+  allocator peaks. `benchmarks/gpu.py` runs all of this on a lent GPU in one call.
 
 - `--step-memory` alone: one pruning step (run `both`) in a process that has done nothing
   else, its peak RSS as a whole process's (the reference library's 1.39 GB was measured so).
@@ -245,13 +255,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="also write the JSON to this file")
     p.add_argument("--step-memory", action="store_true",
                    help="only one pruning step's peak memory, in this otherwise fresh process")
+    p.add_argument("--max-batch", type=int, default=None, metavar="N",
+                   help="also find the largest batch, up to N windows, that fits in the GPU's memory (bare forward, "
+                        "collection, evaluation) and measure there (on CPU nothing signals out-of-memory: N must fit)")
     p.add_argument("--eval-memory-config", choices=sorted(EVAL_CONFIGS), default=None,
                    help="also measure evaluation memory and speed on a random-init model of these dimensions")
     args = p.parse_args(argv)
     if args.tokens < args.window:
         p.error(f"--tokens {args.tokens} is below one window ({args.window})")
-    if min(args.window, args.batch_size, args.repeats) < 1 or (args.threads is not None and args.threads < 1):
-        p.error("--window, --batch-size, --repeats and --threads must be positive")
+    if min(args.window, args.batch_size, args.repeats) < 1 or any(
+            v is not None and v < 1 for v in (args.threads, args.max_batch)):
+        p.error("--window, --batch-size, --repeats, --threads and --max-batch must be positive")
     return args
 
 
@@ -329,6 +343,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     evaluation = throughput(interleaved({"bare": bare_full, "evaluate": evaluate_test}, args.repeats, device),
                             tokens, "bare", "evaluate")
     evaluation.update(bare_extra_mb=eval_extra["bare"], evaluate_extra_mb=eval_extra["evaluate"])
+    if device.type == "cuda":
+        evaluation.update(gpu_memory(lambda: bare_full(test[: args.batch_size]),
+                                     lambda: evaluate(model, test[: args.batch_size], skip, args.batch_size,
+                                                      progress=False), device))
+    batches = batch_search(model, skip, args, model.get_input_embeddings().num_embeddings) if args.max_batch else None
 
     log("one pruning step")
     cfg = Config(model=args.model, forget=forget, retain=retain, ff_frac=0.02, attn_frac=0.02, steps=1,
@@ -401,6 +420,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "extra_ratio_4x_1x": extra[4] / extra[1] if extra[1] > 0 else None,
             "ru_maxrss_mb": _ru_maxrss() / MB,
         },
+        **({"batch_search": batches} if batches else {}),
         **({"eval_memory": eval_memory} if eval_memory else {}),
         "total_seconds": time.perf_counter() - t_start,
     }
@@ -521,6 +541,105 @@ def eval_phases(fn: Callable[[], Any], device: torch.device) -> dict[str, float]
     return {"total_s": total, **first, **spent, "peak_extra_mb": (peak.peak_anon - before) / MB}
 
 
+def gpu_extra_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """MB of GPU memory that one call of `fn` allocates at its peak over what was allocated
+    before it (torch's caching allocator: tensors, not the cache it keeps); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    gc.collect()
+    _sync(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / MB
+
+
+def gpu_memory(bare: Callable[[], Any], evaluate_fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
+    """The GPU memory a bare forward and an evaluate call over the same batch add, and their ratio."""
+    bare_mb, eval_mb = gpu_extra_mb(bare, device), gpu_extra_mb(evaluate_fn, device)
+    return {"bare_extra_gpu_mb": bare_mb, "evaluate_extra_gpu_mb": eval_mb,
+            "evaluate_over_bare_gpu": eval_mb / bare_mb if bare_mb and eval_mb is not None else None}
+
+
+def _runs_in_memory(fn: Callable[[int], Any], batch: int, device: torch.device) -> bool:
+    """Whether `fn(batch)` runs without the device running out of memory (its cache emptied after)."""
+    try:
+        fn(batch)
+        _sync(device)
+        return True
+    except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError, on any build
+        return False
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def largest_batch(fn: Callable[[int], Any], start: int, cap: int, device: torch.device) -> dict[str, Any]:
+    """The largest batch, up to `cap`, at which `fn(batch)` runs out of no memory: doubling from
+    `start`, then bisecting between the last batch that ran and the first that did not, to within
+    an eighth of the former (a handful of probes, since each large one costs seconds).
+
+    Only CUDA (and MPS) signal running out of memory as an exception; on CPU the kernel's OOM
+    killer ends the process instead, so there the search stops at `cap` and must be given one
+    that fits."""
+    probes: list[tuple[int, bool]] = []
+
+    def runs(batch: int) -> bool:
+        probes.append((batch, _runs_in_memory(fn, batch, device)))
+        return probes[-1][1]
+
+    fits, fails, batch = 0, None, min(start, cap)
+    while fails is None and fits < cap:
+        if runs(batch):
+            fits, batch = batch, min(2 * batch, cap)
+        else:
+            fails = batch
+    while fails is not None and fails - fits > max(1, fits // 8):
+        mid = (fits + fails) // 2
+        if runs(mid):
+            fits = mid
+        else:
+            fails = mid
+    return {"batch": fits, "first_oom_batch": fails, "cap": cap, "probes": [b for b, _ in probes],
+            "probes_ran": [ok for _, ok in probes]}
+
+
+def batch_search(model: torch.nn.Module, skip: torch.Tensor | None, args: argparse.Namespace,
+                 vocab_size: int) -> dict[str, Any]:
+    """`--max-batch N`: for the bare full forward with logits, `collect_stats` and `evaluate`, the
+    largest batch of `--window`-token windows (random ids) that fits in the device's memory, up
+    to N windows, with one timed call there: tokens/s and the GPU memory it adds at its peak."""
+    device = next(model.parameters()).device
+    sites = find_sites(model)
+    windows = torch.randint(0, vocab_size, (args.max_batch, args.window), generator=torch.Generator().manual_seed(0))
+
+    def bare(b: int) -> None:
+        with torch.inference_mode():
+            _ = model(input_ids=windows[:b].to(device), use_cache=False).logits
+
+    fns: dict[str, Callable[[int], Any]] = {
+        "bare": bare,
+        "collect": lambda b: collect_stats(model, sites, windows[:b], b, progress=False),
+        "evaluate": lambda b: evaluate(model, windows[:b], skip, b, progress=False),
+    }
+    result: dict[str, Any] = {"window": args.window}
+    for name, fn in fns.items():
+        log(f"largest batch: {name}, up to {args.max_batch} windows")
+        found = largest_batch(fn, args.batch_size, args.max_batch, device)
+        if found["batch"]:
+            b = found["batch"]
+            found["peak_extra_gpu_mb"] = gpu_extra_mb(lambda b=b, fn=fn: fn(b), device)
+            found["tokens_per_s"] = b * args.window / timed(lambda b=b, fn=fn: fn(b), device)[0]
+        result[name] = found
+    b = result["bare"]["batch"]
+    if b and result["evaluate"]["batch"] >= b:  # the two side by side at the largest batch both fit
+        times = interleaved({"bare": lambda: bare(b), "evaluate": lambda: fns["evaluate"](b)}, args.repeats, device)
+        result["at_bare_batch"] = {"batch": b, **throughput(times, b * args.window, "bare", "evaluate")}
+    return result
+
+
 def run_eval_memory(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluation against a bare forward with logits on a random-init Gemma 3 of released
     dimensions (issue #19): the memory each adds over the loaded model on one batch, then
@@ -559,6 +678,10 @@ def run_eval_memory(args: argparse.Namespace) -> dict[str, Any]:
     result["body_over_full"] = result["body_tokens_per_s"] / result["bare_tokens_per_s"]
     result["body_seconds"] = [w for w, _ in body_times]
     result["evaluate_phases"] = eval_phases(evaluate_batch, device)
+    if device.type == "cuda":
+        result.update(gpu_memory(bare, evaluate_batch, device))
+    if args.max_batch:
+        result["batch_search"] = batch_search(model, None, args, cfg.vocab_size)
     return result
 
 

@@ -6,12 +6,16 @@ the throughput ratios (those need a quiet machine and a real budget).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks" / "bench.py"
@@ -31,7 +35,7 @@ def _positive(x: object) -> bool:
 
 def test_tiny_benchmark_prints_well_formed_json(tmp_path, real_cache) -> None:
     out = tmp_path / "bench.json"
-    proc = _run([*TINY, "--out", str(out), "--eval-memory-config", "gemma3-tiny"], real_cache)
+    proc = _run([*TINY, "--out", str(out), "--eval-memory-config", "gemma3-tiny", "--max-batch", "3"], real_cache)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout)  # stdout holds exactly one JSON object (progress goes to stderr)
     assert json.loads(out.read_text()) == result
@@ -67,6 +71,14 @@ def test_tiny_benchmark_prints_well_formed_json(tmp_path, real_cache) -> None:
     assert phases["body_s"] + phases["head_s"] + phases["reduce_s"] <= 1.001 * phases["total_s"]
     assert math.isfinite(phases["after_body_extra_mb"]) and math.isfinite(phases["peak_extra_mb"])
 
+    for search in (result["batch_search"], em["batch_search"]):  # --max-batch 3: on CPU the cap always fits
+        for name in ("bare", "collect", "evaluate"):
+            found = search[name]
+            assert (found["batch"], found["first_oom_batch"], found["probes"]) == (3, None, [2, 3]), (name, found)
+            assert _positive(found["tokens_per_s"]) and found["peak_extra_gpu_mb"] is None  # no GPU here
+        assert search["at_bare_batch"]["batch"] == 3 and _positive(search["at_bare_batch"]["ratio"])
+    assert "bare_extra_gpu_mb" not in result["evaluation"]  # CUDA only
+
     step = result["pruning_step"]
     for phase in ("collect", "score", "prune", "eval", "total", "eval_unpruned"):
         assert _positive(step[phase]), (phase, step[phase])
@@ -93,6 +105,43 @@ def test_tiny_benchmark_prints_well_formed_json(tmp_path, real_cache) -> None:
     for key in ("collect_extra_1x_mb", "collect_extra_2x_mb", "collect_extra_4x_mb"):  # differences: may be <= 0
         assert isinstance(mem[key], int | float) and math.isfinite(mem[key])
     assert _positive(result["total_seconds"])
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("selprune_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("limit, start, cap", [(37, 8, 1000), (1000, 8, 100), (5, 8, 64), (0, 8, 64), (300, 1, 4096)])
+def test_largest_batch_finds_the_limit_within_an_eighth(limit: int, start: int, cap: int) -> None:
+    """A stand-in that runs out of memory above `limit` windows, as CUDA does (torch.OutOfMemoryError)."""
+    bench = _bench_module()
+    seen: list[int] = []
+
+    def fn(batch: int) -> None:
+        seen.append(batch)
+        if batch > limit:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory at {batch}")
+
+    found = bench.largest_batch(fn, start, cap, torch.device("cpu"))
+    best = min(limit, cap)
+    assert found["probes"] == seen and found["probes_ran"] == [b <= limit for b in seen]
+    assert best - best // 8 <= found["batch"] <= best and (found["batch"] == 0 or found["batch"] in seen)
+    if limit >= cap:
+        assert found["batch"] == cap and found["first_oom_batch"] is None
+    else:
+        assert found["first_oom_batch"] > limit
+    assert len(seen) <= 2 * cap.bit_length()  # a handful of probes, not a scan
+
+
+def test_other_errors_are_not_taken_for_a_full_memory() -> None:
+    def fn(batch: int) -> None:
+        raise ValueError("a bug, not a full GPU")
+
+    with pytest.raises(ValueError, match="a bug"):
+        _bench_module().largest_batch(fn, 8, 64, torch.device("cpu"))
 
 
 def test_budget_below_one_window_is_refused(real_cache) -> None:
