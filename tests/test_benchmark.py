@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import small_datasets
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks" / "bench.py"
@@ -157,3 +158,39 @@ def test_step_memory_mode_prints_one_steps_peak(real_cache) -> None:
     assert result["tokens_per_dataset"] == 256 and result["peak_rss_mb"] >= result["rss_after_load_mb"] > 0
     assert _positive(result["peak_anon_mb"]) and _positive(result["ru_maxrss_mb"])
     assert set(result["seconds"]) == {"collect", "score", "prune", "eval"}
+
+
+def test_gpu_check_runs_end_to_end_on_cpu(tmp_path, tiny_llama, smollm_tokenizer, real_cache) -> None:
+    """benchmarks/gpu.py run --quick on CPU: every part of the script a lent GPU machine runs
+    (bench.py at both dtypes with the batch search, one prune process against two), on a tiny
+    Llama's architecture, with none of its parts failing."""
+    source = tmp_path / "source"  # what `gpu.py pack` writes: a config and a tokenizer
+    tiny_llama().config.save_pretrained(source)
+    smollm_tokenizer.save_pretrained(source)
+    data = small_datasets(tmp_path / "data")
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "SELPRUNE_CACHE": str(real_cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "run", "--quick", "--device", "cpu",
+                           "--source", str(source), "--forget", str(data / "code"), "--retain", str(data / "prose"),
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout)
+    assert json.loads(out.read_text()) == result and result["quick"] is True
+    assert result["machine"]["torch"] and "gpu" not in result["machine"]  # no GPU here
+    for dtype in ("float32", "bfloat16"):
+        bench = result["bench"][dtype]
+        assert "error" not in bench, bench
+        assert bench["config"]["dtype"] == dtype and bench["config"]["device"] == "cpu"
+        assert bench["batch_search"]["evaluate"]["batch"] == 3 and _positive(bench["collection"]["ratio"])
+    assert result["bench"]["float32"]["eval_memory"]["config"] == "gemma3-tiny"
+    ranks = result["processes"]
+    assert "error" not in ranks, ranks
+    assert ranks["nproc"] == 2 and ranks["step_files"] == ["step_001.safetensors", "step_002.safetensors"]
+    assert ranks["masks_equal"] is True and ranks["metrics_max_abs_diff"] <= 1e-9
+    assert _positive(ranks["single_seconds"]) and _positive(ranks["ranks_seconds"])
+
+
+def test_gpu_check_without_a_pack_names_the_fix(tmp_path) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "run", "--source", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "gpu.py pack" in proc.stderr and proc.stdout == ""
