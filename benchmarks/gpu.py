@@ -54,7 +54,7 @@ PACK = ROOT / ".gpu"
 WHEELS = ("transformers", "tokenizers", "huggingface_hub", "hf-xet", "httpx2", "httpcore2", "truststore",
           "safetensors", "accelerate", "datasets", "dill", "multiprocess", "fsspec", "nbformat", "fastjsonschema",
           "jsonschema", "jsonschema-specifications", "referencing", "rpds-py", "traitlets", "jupyter_core",
-          "platformdirs")
+          "platformdirs", "click", "typer", "regex", "tqdm", "filelock")
 GPU_PYTHON = "3.12"  # the GPU image's python3 (device/KINDS.md)
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64")
