@@ -562,18 +562,33 @@ def gpu_memory(bare: Callable[[], Any], evaluate_fn: Callable[[], Any], device: 
             "evaluate_over_bare_gpu": eval_mb / bare_mb if bare_mb and eval_mb is not None else None}
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` says the device ran out of memory: torch's OutOfMemoryError (the same class as
+    torch.cuda.OutOfMemoryError, on any build), or a library's own words for it (cuBLAS, cuDNN)."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and any(w in str(e) for w in ("out of memory", "ALLOC_FAILED")))
+
+
+def release_device_cache(device: torch.device) -> None:
+    """Hand the caching allocator's free blocks back, so that a large batch finds one contiguous
+    stretch of GPU memory rather than the pieces an earlier model or batch left."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _runs_in_memory(fn: Callable[[int], Any], batch: int, device: torch.device) -> bool:
     """Whether `fn(batch)` runs without the device running out of memory (its cache emptied after)."""
     try:
         fn(batch)
         _sync(device)
         return True
-    except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError, on any build
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
         return False
     finally:
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_device_cache(device)
 
 
 def largest_batch(fn: Callable[[int], Any], start: int, cap: int, device: torch.device) -> dict[str, Any]:
@@ -606,37 +621,71 @@ def largest_batch(fn: Callable[[int], Any], start: int, cap: int, device: torch.
             "probes_ran": [ok for _, ok in probes]}
 
 
+def _guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`fn()`, or {"error": ...}: near the memory limit a timed call can still fail, and one
+    entry's failure must not cost the figures already measured."""
+    try:
+        return fn()
+    except RuntimeError as e:
+        return {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
+                "out_of_memory": out_of_memory(e)}
+
+
 def batch_search(model: torch.nn.Module, skip: torch.Tensor | None, args: argparse.Namespace,
                  vocab_size: int) -> dict[str, Any]:
-    """`--max-batch N`: for the bare full forward with logits, `collect_stats` and `evaluate`, the
-    largest batch of `--window`-token windows (random ids) that fits in the device's memory, up
-    to N windows, with one timed call there: tokens/s and the GPU memory it adds at its peak."""
+    """`--max-batch N`: for the bare full forward with logits, the body alone, `collect_stats`
+    and `evaluate`, the largest batch of `--window`-token windows (random ids) that fits in the
+    device's memory, up to N windows, with one timed call there: tokens/s and the GPU memory it
+    adds at its peak. Then, interleaved, evaluate against the bare forward at the largest batch
+    both fit, and collection against the body at the largest batch both fit: the two ratios of
+    the default budget, at a batch that fills the device."""
     device = next(model.parameters()).device
+    body = getattr(model, model.base_model_prefix, model)
     sites = find_sites(model)
     windows = torch.randint(0, vocab_size, (args.max_batch, args.window), generator=torch.Generator().manual_seed(0))
+    release_device_cache(device)
+    result: dict[str, Any] = {"window": args.window}
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        result.update(gpu_free_mb=free / MB, gpu_total_mb=total / MB)
 
     def bare(b: int) -> None:
         with torch.inference_mode():
             _ = model(input_ids=windows[:b].to(device), use_cache=False).logits
 
+    def body_only(b: int) -> None:
+        with torch.inference_mode():
+            body(input_ids=windows[:b].to(device), use_cache=False)
+
     fns: dict[str, Callable[[int], Any]] = {
         "bare": bare,
+        "body": body_only,
         "collect": lambda b: collect_stats(model, sites, windows[:b], b, progress=False),
         "evaluate": lambda b: evaluate(model, windows[:b], skip, b, progress=False),
     }
-    result: dict[str, Any] = {"window": args.window}
-    for name, fn in fns.items():
-        log(f"largest batch: {name}, up to {args.max_batch} windows")
+
+    def search(fn: Callable[[int], Any]) -> dict[str, Any]:
         found = largest_batch(fn, args.batch_size, args.max_batch, device)
         if found["batch"]:
             b = found["batch"]
-            found["peak_extra_gpu_mb"] = gpu_extra_mb(lambda b=b, fn=fn: fn(b), device)
-            found["tokens_per_s"] = b * args.window / timed(lambda b=b, fn=fn: fn(b), device)[0]
-        result[name] = found
-    b = result["bare"]["batch"]
-    if b and result["evaluate"]["batch"] >= b:  # the two side by side at the largest batch both fit
-        times = interleaved({"bare": lambda: bare(b), "evaluate": lambda: fns["evaluate"](b)}, args.repeats, device)
-        result["at_bare_batch"] = {"batch": b, **throughput(times, b * args.window, "bare", "evaluate")}
+            found["peak_extra_gpu_mb"] = gpu_extra_mb(lambda: fn(b), device)
+            found["tokens_per_s"] = b * args.window / timed(lambda: fn(b), device)[0]
+        release_device_cache(device)
+        return found
+
+    for name, fn in fns.items():
+        log(f"largest batch: {name}, up to {args.max_batch} windows")
+        result[name] = _guarded(lambda fn=fn: search(fn))
+
+    def side_by_side(bare_name: str, other: str) -> dict[str, Any]:
+        b = min(result[bare_name]["batch"], result[other]["batch"])
+        times = interleaved({bare_name: lambda: fns[bare_name](b), other: lambda: fns[other](b)}, args.repeats, device)
+        release_device_cache(device)
+        return {"batch": b, **throughput(times, b * args.window, bare_name, other)}
+
+    for key, (bare_name, other) in (("at_bare_batch", ("bare", "evaluate")), ("collect_at_body_batch", ("body", "collect"))):
+        if result[bare_name].get("batch") and result[other].get("batch"):
+            result[key] = _guarded(lambda bare_name=bare_name, other=other: side_by_side(bare_name, other))
     return result
 
 
@@ -672,7 +721,8 @@ def run_eval_memory(args: argparse.Namespace) -> dict[str, Any]:
     tokens = windows.numel()
     result = {"config": name, "vocab_size": cfg.vocab_size, "d_model": cfg.hidden_size, "layers": cfg.num_hidden_layers,
               "windows": args.batch_size, "window": args.window, "bare_extra_mb": bare_mb, "evaluate_extra_mb": eval_mb,
-              "evaluate_over_bare": eval_mb / bare_mb if bare_mb > 0 else None,
+              # host memory: on a GPU the logits are not there (see the *_gpu_mb figures instead)
+              "evaluate_over_bare": eval_mb / bare_mb if bare_mb > 0 and device.type != "cuda" else None,
               **throughput(times, tokens, "bare", "evaluate")}
     result["body_tokens_per_s"] = tokens / statistics.median(w for w, _ in body_times)
     result["body_over_full"] = result["body_tokens_per_s"] / result["bare_tokens_per_s"]

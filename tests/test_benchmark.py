@@ -73,11 +73,12 @@ def test_tiny_benchmark_prints_well_formed_json(tmp_path, real_cache) -> None:
     assert math.isfinite(phases["after_body_extra_mb"]) and math.isfinite(phases["peak_extra_mb"])
 
     for search in (result["batch_search"], em["batch_search"]):  # --max-batch 3: on CPU the cap always fits
-        for name in ("bare", "collect", "evaluate"):
+        for name in ("bare", "body", "collect", "evaluate"):
             found = search[name]
             assert (found["batch"], found["first_oom_batch"], found["probes"]) == (3, None, [2, 3]), (name, found)
             assert _positive(found["tokens_per_s"]) and found["peak_extra_gpu_mb"] is None  # no GPU here
-        assert search["at_bare_batch"]["batch"] == 3 and _positive(search["at_bare_batch"]["ratio"])
+        for pair, other in (("at_bare_batch", "evaluate_tokens_per_s"), ("collect_at_body_batch", "collect_tokens_per_s")):
+            assert search[pair]["batch"] == 3 and _positive(search[pair]["ratio"]) and _positive(search[pair][other])
     assert "bare_extra_gpu_mb" not in result["evaluation"]  # CUDA only
 
     step = result["pruning_step"]
@@ -137,12 +138,23 @@ def test_largest_batch_finds_the_limit_within_an_eighth(limit: int, start: int, 
     assert len(seen) <= 2 * cap.bit_length()  # a handful of probes, not a scan
 
 
-def test_other_errors_are_not_taken_for_a_full_memory() -> None:
+@pytest.mark.parametrize("error", [ValueError("a bug, not a full GPU"), RuntimeError("a bug: shapes do not match")])
+def test_other_errors_are_not_taken_for_a_full_memory(error: Exception) -> None:
     def fn(batch: int) -> None:
-        raise ValueError("a bug, not a full GPU")
+        raise error
 
-    with pytest.raises(ValueError, match="a bug"):
+    with pytest.raises(type(error), match="a bug"):
         _bench_module().largest_batch(fn, 8, 64, torch.device("cpu"))
+
+
+def test_a_library_out_of_memory_error_counts_as_full() -> None:
+    """cuBLAS and cuDNN report a full GPU as a RuntimeError in their own words."""
+    def fn(batch: int) -> None:
+        if batch > 20:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+
+    found = _bench_module().largest_batch(fn, 8, 64, torch.device("cpu"))
+    assert 18 <= found["batch"] <= 20 and found["first_oom_batch"] > 20
 
 
 def test_budget_below_one_window_is_refused(real_cache) -> None:
@@ -188,6 +200,23 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path, tiny_llama, smollm_tokenizer
     assert ranks["nproc"] == 2 and ranks["step_files"] == ["step_001.safetensors", "step_002.safetensors"]
     assert ranks["masks_equal"] is True and ranks["metrics_max_abs_diff"] <= 1e-9
     assert _positive(ranks["single_seconds"]) and _positive(ranks["ranks_seconds"])
+
+
+def test_gpu_check_past_its_deadline_skips_the_rest_and_still_writes(tmp_path, tiny_llama, smollm_tokenizer,
+                                                                      real_cache) -> None:
+    source = tmp_path / "source"
+    tiny_llama().config.save_pretrained(source)
+    smollm_tokenizer.save_pretrained(source)
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "SELPRUNE_CACHE": str(real_cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "run", "--quick", "--device", "cpu",
+                           "--source", str(source), "--deadline-s", "0", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result == json.loads(proc.stdout) and result["deadline_s"] == 0
+    assert set(result["bench"]) == {"float32", "bfloat16"}
+    assert all("skipped" in part for part in (*result["bench"].values(), result["processes"]))
 
 
 def test_gpu_check_without_a_pack_names_the_fix(tmp_path) -> None:
