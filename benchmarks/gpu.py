@@ -17,15 +17,17 @@ architecture with random weights (seed 0): the same shapes, hence the same speed
 memory, though not the same text metrics. Selections of two processes against one are
 compared on that model too; what matters there is that they are equal.
 
-`run` measures, each part recorded even if another fails (its error in the JSON):
-- `bench`: `benchmarks/bench.py` at float32 and bfloat16 (collection and evaluation against
-  the bare forwards, a pruning step, training steps, GPU memory), each with `--max-batch`
-  (the largest batch that fits and its tokens/s and peak GPU memory); float32 adds the
-  random-init Gemma-3-270M (262k vocabulary) evaluation memory.
+`run` measures, in this order, each part recorded even if another fails (its error in the
+JSON), the parts not begun by `--deadline-s` skipped, the JSON rewritten to `--out` after each:
+- `bench.float32`: `benchmarks/bench.py` at 32,768 tokens per dataset in batches of 32
+  (collection and evaluation against the bare forwards, a pruning step, training steps, GPU
+  memory) with `--max-batch` (the largest batch that fits, its tokens/s and peak GPU memory,
+  and the ratios there), and the random-init Gemma-3-270M (262k vocabulary) evaluation memory.
 - `processes`: `selprune prune --run-kind both` in one process and under
   `torch.distributed.run --nproc_per_node N`, wall seconds, and whether the step files
   (the pruned neurons) are identical. selprune's collectives reduce CPU tensors (gloo), so
   N ranks can share one GPU; NCCL itself would refuse two ranks on one device.
+- `bench.bfloat16`: the same benchmark at bfloat16, without the Gemma part.
 
 `--quick` runs the same on a tiny budget (the suite does this on CPU, `--device cpu`).
 """
