@@ -34,9 +34,12 @@ def _positive(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
-def test_tiny_benchmark_prints_well_formed_json(tmp_path, real_cache) -> None:
+def test_tiny_benchmark_prints_well_formed_json(tmp_path, real_cache, shared_tiny_llama_dir) -> None:
+    """On a tiny Llama with the embedded tokenizer (the embedded model itself loads in the
+    --step-memory test below): every section's keys, on the bundled data."""
     out = tmp_path / "bench.json"
-    proc = _run([*TINY, "--out", str(out), "--eval-memory-config", "gemma3-tiny"], real_cache)
+    proc = _run([*TINY, "--model", str(shared_tiny_llama_dir), "--out", str(out), "--eval-memory-config", "gemma3-tiny"],
+                real_cache)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout)  # stdout holds exactly one JSON object (progress goes to stderr)
     assert json.loads(out.read_text()) == result
