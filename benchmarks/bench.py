@@ -103,6 +103,7 @@ from selprune.experiment.baselines import release_free_heap, unlearn  # noqa: E4
 from selprune.experiment.config import Config, validate  # noqa: E402
 from selprune.experiment.loop import data_for, run_pruning  # noqa: E402
 from selprune.experiment.retrain import restored, retrain  # noqa: E402
+from selprune.experiment.sweep import one_line  # noqa: E402
 from selprune.models import _cpu_name, load_model  # noqa: E402
 from selprune.sites import find_sites  # noqa: E402
 from selprune.stats import collect_stats  # noqa: E402
@@ -627,7 +628,7 @@ def _guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     try:
         return fn()
     except RuntimeError as e:
-        return {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
+        return {"error": one_line(e)[:300],
                 "out_of_memory": out_of_memory(e)}
 
 

@@ -101,13 +101,14 @@ def random_model(source: Path, out: Path) -> Path:
 
 def attempt(name: str, fn: Callable[[], Any]) -> Any:
     """`fn()`, or {"error": ...} when it fails: one part's failure must not cost the others."""
+    from selprune.experiment.sweep import one_line  # a sweep point's failure is reported the same way
     log(name)
     t0 = time.perf_counter()
     try:
         return fn()
     except Exception as e:  # noqa: BLE001 (recorded, and the traceback printed)
         traceback.print_exc()
-        return {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:400]}",
+        return {"error": one_line(e)[:400],
                 "seconds": time.perf_counter() - t0}
 
 
