@@ -167,18 +167,24 @@ def test_step_memory_mode_prints_one_steps_peak(real_cache) -> None:
     assert set(result["seconds"]) == {"collect", "score", "prune", "eval"}
 
 
-def test_gpu_check_runs_end_to_end_on_cpu(tmp_path, tiny_llama, smollm_tokenizer, real_cache) -> None:
+@pytest.fixture
+def pack_source(tmp_path, tiny_llama, smollm_tokenizer) -> Path:
+    """What `gpu.py pack` writes for the model, a config and a tokenizer: here a tiny Llama's."""
+    source = tmp_path / "source"
+    tiny_llama().config.save_pretrained(source)
+    smollm_tokenizer.save_pretrained(source)
+    return source
+
+
+def test_gpu_check_runs_end_to_end_on_cpu(tmp_path, pack_source, real_cache) -> None:
     """benchmarks/gpu.py run --quick on CPU: every part of the script a lent GPU machine runs
     (bench.py at both dtypes with the batch search, one prune process against two), on a tiny
     Llama's architecture, with none of its parts failing."""
-    source = tmp_path / "source"  # what `gpu.py pack` writes: a config and a tokenizer
-    tiny_llama().config.save_pretrained(source)
-    smollm_tokenizer.save_pretrained(source)
     data = small_datasets(tmp_path / "data")
     out = tmp_path / "gpu.json"
     env = {**os.environ, "SELPRUNE_CACHE": str(real_cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "run", "--quick", "--device", "cpu",
-                           "--source", str(source), "--forget", str(data / "code"), "--retain", str(data / "prose"),
+                           "--source", str(pack_source), "--forget", str(data / "code"), "--retain", str(data / "prose"),
                            "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout)
@@ -207,15 +213,11 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path, tiny_llama, smollm_tokenizer
     assert _positive(ranks["single_seconds"]) and _positive(ranks["ranks_seconds"])
 
 
-def test_gpu_check_past_its_deadline_skips_the_rest_and_still_writes(tmp_path, tiny_llama, smollm_tokenizer,
-                                                                      real_cache) -> None:
-    source = tmp_path / "source"
-    tiny_llama().config.save_pretrained(source)
-    smollm_tokenizer.save_pretrained(source)
+def test_gpu_check_past_its_deadline_skips_the_rest_and_still_writes(tmp_path, pack_source, real_cache) -> None:
     out = tmp_path / "gpu.json"
     env = {**os.environ, "SELPRUNE_CACHE": str(real_cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "run", "--quick", "--device", "cpu",
-                           "--source", str(source), "--deadline-s", "0", "--out", str(out)], cwd=ROOT, env=env,
+                           "--source", str(pack_source), "--deadline-s", "0", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
