@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import importlib.util
 import json
 import os
 import shutil
@@ -110,13 +109,6 @@ def attempt(name: str, fn: Callable[[], Any]) -> Any:
         traceback.print_exc()
         return {"error": one_line(e)[:400],
                 "seconds": time.perf_counter() - t0}
-
-
-def _bench() -> Any:
-    spec = importlib.util.spec_from_file_location("selprune_bench", ROOT / "benchmarks" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def prune_args(model: Path, args: argparse.Namespace, out: Path) -> list[str]:
@@ -198,11 +190,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every part in turn, most wanted first; each after `--deadline-s` is skipped, and the JSON
     so far is rewritten to `--out` after each, so that a call cut off at its limit still
     returns what was measured."""
+    import bench  # benchmarks/bench.py: a script's own folder is first on sys.path
     import torch
 
     t0 = time.perf_counter()
     deadline = t0 + args.deadline_s
-    bench = _bench()
     result: dict[str, Any] = {"benchmark": "the GPU check (benchmarks/gpu.py run)", "quick": args.quick,
                               "deadline_s": args.deadline_s, "machine": machine(), "bench": {}}
 

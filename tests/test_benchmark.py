@@ -152,6 +152,13 @@ def test_a_library_out_of_memory_error_counts_as_full() -> None:
     assert 18 <= found["batch"] <= 20 and found["first_oom_batch"] > 20
 
 
+@pytest.mark.parametrize("flag", ["--max-batch", "--batch-size", "--repeats", "--threads", "--window"])
+def test_a_size_below_one_is_refused(flag: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        _bench_module().parse_args([flag, "0"])
+    assert exit_.value.code == 2 and "must be positive" in capsys.readouterr().err
+
+
 def test_budget_below_one_window_is_refused(real_cache) -> None:
     proc = _run(["--tokens", "32", "--window", "64"], real_cache, timeout=300)
     assert proc.returncode == 2 and "below one window" in proc.stderr
