@@ -20,13 +20,15 @@ from tiny_models import small_datasets
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks" / "bench.py"
+GPU_CHECK = ROOT / "benchmarks" / "gpu.py"
 TINY = ["--tokens", "256", "--window", "64", "--batch-size", "2", "--repeats", "1", "--threads", "1",
         "--dtype", "float32"]
 
 
-def _run(args: list[str], real_cache: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+def _run(args: list[str], real_cache: Path, timeout: float = 900, script: Path = BENCH) -> subprocess.CompletedProcess:
+    """`script` (bench.py, or gpu.py) with `args`, offline, on the real selprune cache."""
     env = {**os.environ, "SELPRUNE_CACHE": str(real_cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(BENCH), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -189,10 +191,8 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path, pack_source, real_cache) -> 
     Llama's architecture, with none of its parts failing."""
     data = small_datasets(tmp_path / "data")
     out = tmp_path / "gpu.json"
-    env = {**os.environ, "SELPRUNE_CACHE": str(real_cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "run", "--quick", "--device", "cpu",
-                           "--source", str(pack_source), "--forget", str(data / "code"), "--retain", str(data / "prose"),
-                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = _run(["run", "--quick", "--device", "cpu", "--source", str(pack_source), "--forget", str(data / "code"),
+                 "--retain", str(data / "prose"), "--out", str(out)], real_cache, script=GPU_CHECK)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout)
     assert json.loads(out.read_text()) == result and result["quick"] is True
@@ -222,10 +222,8 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path, pack_source, real_cache) -> 
 
 def test_gpu_check_past_its_deadline_skips_the_rest_and_still_writes(tmp_path, pack_source, real_cache) -> None:
     out = tmp_path / "gpu.json"
-    env = {**os.environ, "SELPRUNE_CACHE": str(real_cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "run", "--quick", "--device", "cpu",
-                           "--source", str(pack_source), "--deadline-s", "0", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = _run(["run", "--quick", "--device", "cpu", "--source", str(pack_source), "--deadline-s", "0",
+                 "--out", str(out)], real_cache, timeout=300, script=GPU_CHECK)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result == json.loads(proc.stdout) and result["deadline_s"] == 0
@@ -234,6 +232,6 @@ def test_gpu_check_past_its_deadline_skips_the_rest_and_still_writes(tmp_path, p
 
 
 def test_gpu_check_without_a_pack_names_the_fix(tmp_path) -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "run", "--source", str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(GPU_CHECK), "run", "--source", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "gpu.py pack" in proc.stderr and proc.stdout == ""
