@@ -16,7 +16,6 @@ import socket
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -46,41 +45,6 @@ STORED_RUN_DIR = REPO_ROOT / "runs" / "notebooks"  # the stored notebooks' run_d
 STORED_RUN_PARAM = "../runs/notebooks"  # ... as their parameters cell writes it (relative to notebooks/)
 
 
-# A Unix socket path must fit in sun_path (104 bytes on macOS, 108 on Linux). Kernel
-# sockets are named PREFIX-<port>, PREFIX = Jupyter's runtime folder/selprune-<12 hex>.
-_IPC_NAME_BYTES = len("/selprune-000000000000-65535")
-_SUN_PATH_BYTES = 104
-
-
-def kernel_manager_class() -> type:
-    """The kernel manager papermill starts each notebook's kernel with: IPC transport (Unix
-    sockets in Jupyter's private runtime folder) where the platform has it and the path
-    fits, else jupyter_client's default TCP on localhost. Over TCP, ipykernel >= 7 warns in
-    every run that the connection is unencrypted."""
-    from jupyter_client import AsyncKernelManager
-    from jupyter_core.paths import jupyter_runtime_dir
-    from traitlets import default
-
-    runtime = jupyter_runtime_dir()
-    if os.name != "posix" or len(os.fsencode(runtime)) + _IPC_NAME_BYTES >= _SUN_PATH_BYTES:
-        return AsyncKernelManager
-
-    class IPCKernelManager(AsyncKernelManager):
-        @default("transport")
-        def _transport_default(self) -> str:
-            return "ipc"
-
-        @default("ip")
-        def _ip_default(self) -> str:
-            # A unique prefix per kernel in the user's runtime folder. jupyter_client's own
-            # default, "kernel-ipc" in the working directory, litters it and collides
-            # between runs started there at once.
-            Path(runtime).mkdir(mode=0o700, parents=True, exist_ok=True)
-            return os.path.join(runtime, f"selprune-{uuid.uuid4().hex[:12]}")
-
-    return IPCKernelManager
-
-
 def run_series(params: dict[str, Any], progress: bool = True, notebooks: tuple[str, ...] = NOTEBOOKS) -> Path:
     """Execute the series with papermill; returns the run directory.
 
@@ -93,6 +57,8 @@ def run_series(params: dict[str, Any], progress: bool = True, notebooks: tuple[s
     """
     import papermill
     from papermill.exceptions import PapermillExecutionError
+
+    from selprune.experiment.kernels import kernel_manager_class
 
     p = kernel_params(params, relearn="06_retraining_anamnesia.ipynb" in notebooks)  # 06's rules too, if it runs
     check_reachable(p)
@@ -248,6 +214,7 @@ def regenerate(notebooks: tuple[str, ...] = NOTEBOOKS, timeout: int = 1800) -> N
     run directory, and store their cleaned outputs (what nbval compares against)."""
     from nbclient import NotebookClient
 
+    from selprune.experiment.kernels import kernel_manager_class
     from selprune.experiment.render import write_parameter_cells, write_readme_table
 
     write_readme_table(REPO_ROOT / "README.md")

@@ -1,5 +1,5 @@
 """Running the notebook series (selprune/experiment/notebooks.py): papermill into a run
-directory, the kernels' parameters and transport, failing cells, cleaning, and the
+directory, the kernels' parameters, failing cells, cleaning, and the
 pruning steps shown on stderr while a notebook runs.
 
 The papermill tests execute the real notebooks in kernels, on a tiny random Llama saved
@@ -10,7 +10,6 @@ start-ups, not forward passes.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -20,7 +19,7 @@ from series_runs import RUN, TINY, snapshot
 
 from selprune.errors import SelpruneError
 from selprune.experiment import cli
-from selprune.experiment.notebooks import NOTEBOOK_DIR, NOTEBOOKS, clean, kernel_manager_class, run_series
+from selprune.experiment.notebooks import NOTEBOOK_DIR, NOTEBOOKS, clean, run_series
 
 
 # ------------------------------------------------------------------ stored notebooks
@@ -65,24 +64,6 @@ def test_local_paths_reach_the_kernels_absolute(tmp_path, shared_tiny_llama_dir,
     p = seen[0]
     assert p["model"] == str(tmp_path / "model") and p["forget"] == str(tmp_path / "mine.jsonl")
     assert p["retain"] == "prose" and p["run_dir"] == str(tmp_path / "run")
-
-
-@pytest.mark.skipif(os.name != "posix", reason="IPC transport needs Unix sockets")
-def test_kernels_use_private_ipc_sockets_where_the_path_fits(monkeypatch):
-    import tempfile
-
-    import jupyter_core.paths
-
-    with tempfile.TemporaryDirectory(dir="/tmp") as short:  # pytest's tmp_path may be too long for a socket
-        runtime = os.path.join(short, "rt")
-        monkeypatch.setattr(jupyter_core.paths, "jupyter_runtime_dir", lambda: runtime)
-        a, b = kernel_manager_class()(), kernel_manager_class()()
-        assert a.transport == b.transport == "ipc"
-        # each kernel its own socket prefix in the runtime folder, not "kernel-ipc" in the working directory
-        assert os.path.dirname(a.ip) == os.path.dirname(b.ip) == runtime and a.ip != b.ip
-        assert os.stat(runtime).st_mode & 0o077 == 0, "a private folder"
-    monkeypatch.setattr(jupyter_core.paths, "jupyter_runtime_dir", lambda: "/" + "d" * 80)  # no room for a socket name
-    assert kernel_manager_class()().transport == "tcp"
 
 
 # ----------------------------------------------------------------------- papermill
