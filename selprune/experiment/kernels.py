@@ -2,14 +2,16 @@
 `make notebooks`): where they listen, and a client that cannot miss a kernel's message.
 
 A missed message is not hypothetical. jupyter_client's asyncio channels wait for a
-message on the socket's file descriptor, which libzmq signals edge-triggered: whatever
-reads the socket's event state between the message's arrival and the event loop's next
-look (pyzmq does, for its own bookkeeping) consumes the signal, and the message already
-in the socket is then never seen. papermill waits for a cell's execute_reply with no
-timeout, so that wait never ends: in a clean-clone CI run of this suite, notebook 05
-of a papermill series sat for over ten minutes with its kernel idle and the reply
-unread. A poll with a timeout looks at the socket itself when the timeout expires, so
-`SlicedChannel` waits in slices of `POLL_SLICE_S`: a lost wake-up costs at most one slice.
+message on the socket's file descriptor, which libzmq signals edge-triggered: a read of
+the socket's event state between the message's arrival and the event loop's next look
+consumes the signal, and the message already in the socket is then never seen
+(tests/experiment/test_kernels.py makes that happen on purpose). papermill waits for a
+cell's execute_reply with no timeout, so such a wait never ends: in a clean-clone CI run
+of this suite, notebook 05 of a papermill series sat for over ten minutes with its
+kernel idle and the reply unread, and 12 kernels running 200 short cells each through
+nbclient stalled in 4 of the 12. A poll with a timeout looks at the socket itself when
+the timeout expires, so `SlicedChannel` waits in slices of `POLL_SLICE_S`: a lost
+wake-up costs at most one slice (the same 12 kernels: no stall).
 """
 
 from __future__ import annotations
