@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import time
 from queue import Empty
 
+import jupyter_core.paths
 import pytest
 import zmq
 import zmq.asyncio
@@ -19,10 +21,6 @@ from selprune.experiment.kernels import POLL_SLICE_S, SlicedChannel, SlicedKerne
 
 @pytest.mark.skipif(os.name != "posix", reason="IPC transport needs Unix sockets")
 def test_kernels_use_private_ipc_sockets_where_the_path_fits(monkeypatch):
-    import tempfile
-
-    import jupyter_core.paths
-
     with tempfile.TemporaryDirectory(dir="/tmp") as short:  # pytest's tmp_path may be too long for a socket
         runtime = os.path.join(short, "rt")
         monkeypatch.setattr(jupyter_core.paths, "jupyter_runtime_dir", lambda: runtime)
@@ -36,19 +34,18 @@ def test_kernels_use_private_ipc_sockets_where_the_path_fits(monkeypatch):
 
 
 def test_both_transports_give_clients_with_sliced_channels(monkeypatch):
-    import jupyter_core.paths
-
-    for runtime in ("/tmp/rt", "/" + "d" * 80):  # IPC, then TCP
-        monkeypatch.setattr(jupyter_core.paths, "jupyter_runtime_dir", lambda runtime=runtime: runtime)
-        client = kernel_manager_class()().client()
-        assert isinstance(client, SlicedKernelClient), runtime
-        for name in ("shell", "iopub", "stdin", "control"):
-            assert getattr(client, f"{name}_channel_class") is SlicedChannel, name
+    with tempfile.TemporaryDirectory(dir="/tmp") as short:  # the IPC manager makes its runtime folder here
+        for runtime in (os.path.join(short, "rt"), "/" + "d" * 80):  # IPC, then TCP
+            monkeypatch.setattr(jupyter_core.paths, "jupyter_runtime_dir", lambda runtime=runtime: runtime)
+            client = kernel_manager_class()().client()
+            assert isinstance(client, SlicedKernelClient), runtime
+            for name in ("shell", "iopub", "stdin", "control"):
+                assert getattr(client, f"{name}_channel_class") is SlicedChannel, name
 
 
 def _lose_a_wake_up(channel_class: type, within: float) -> dict | None:
     """A channel waits; a message arrives, and before the event loop looks, something reads
-    the socket's event state (as pyzmq's own bookkeeping can), consuming the edge-triggered
+    the socket's event state, consuming the edge-triggered
     signal. What the waiting channel receives within `within` seconds (None: nothing)."""
 
     async def scenario() -> dict | None:
