@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
 from transformers import LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -142,12 +144,15 @@ def _head_inputs(model) -> tuple[list[tuple[int, ...]], object]:
 
 @pytest.mark.parametrize(("family", "overrides"), HEAD_FAMILIES, ids=[f for f, _ in HEAD_FAMILIES])
 @pytest.mark.parametrize("head_rows", [None, 16, 21])  # None: the default (one chunk for these tiny batches)
-def test_chunked_head_metrics_bit_identical_to_full_forward(family, overrides, head_rows, monkeypatch) -> None:
+@pytest.mark.parametrize("block", [None, 37])  # None: the default (one vocabulary block of these tiny heads)
+def test_chunked_head_metrics_bit_identical_to_full_forward(family, overrides, head_rows, block, monkeypatch) -> None:
     vocab = 300
     model = tiny_model(family, seed=2, vocab_size=vocab, **overrides)
     assert ev._body_and_head(model) is not None  # the chunked path is taken
     if head_rows:
         monkeypatch.setattr(ev, "_HEAD_BYTES", 4 * vocab * head_rows)
+    if block:  # blocks of at most 37 columns: 9 of 33-34
+        monkeypatch.setattr(ev, "_HEAD_BLOCK_BYTES", 4 * model.get_output_embeddings().in_features * block)
     windows = random_windows(7, 33, seed=5, vocab=vocab)
     windows[:, 1::3] = windows[:, 0::3][:, : windows[:, 1::3].shape[1]]  # some repetition: top-1 hits
     skip_ids = torch.tensor([3, 5, 7, 11, 13, 17, 19, 23, 250])
@@ -188,6 +193,41 @@ def test_chunked_logits_equal_full_forward_logits(family, overrides, monkeypatch
     assert torch.equal(torch.cat([lg for _, lg in chunks]), full)
     if overrides:
         assert full.abs().max() <= 3.0  # soft-capped
+
+
+class _MatmulCalls(TorchFunctionMode):
+    """The `[rows, columns]` of the output of every torch.mm / torch.addmm call made under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, int]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.mm, torch.addmm):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_calls_go_over_equal_vocabulary_blocks_with_the_same_bits(bias, monkeypatch) -> None:
+    """On the CPU one LM-head call is a matmul per block of the vocabulary, written into its
+    columns of the buffer: blocks of equal size within one column, none under 16 columns (a
+    37-column budget over 301 columns: 9 blocks of 33-34; a 5-column one: 18 of 16-17), and
+    the logits those of `head(x)`, bit for bit."""
+    torch.manual_seed(0)
+    head = nn.Linear(24, 301, bias=bias)
+    x = torch.randn(40, 24)
+    with torch.inference_mode():
+        want = head(x)
+        for cols, sizes in ((37, [33, 34]), (5, [16, 17]), (10**6, [301])):
+            monkeypatch.setattr(ev, "_HEAD_BLOCK_BYTES", 4 * 24 * cols)
+            with _MatmulCalls() as calls:
+                got = ev._head_into(head, x, 50, {})
+            widths = [c for r, c in calls.shapes]
+            assert all(r == 40 for r, _ in calls.shapes) and sum(widths) == 301, calls.shapes
+            assert sorted(set(widths)) == sizes, widths
+            assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("budget", [16, 17, 40, 320, 1024])
