@@ -61,11 +61,11 @@ _MIN_HEAD_ROWS = 16
 # columns of logits stay in cache while the call's rows go through them; every call otherwise
 # streams the whole head from memory again. The blocks are of equal size, none under
 # `_MIN_HEAD_ROWS` columns (a matmul of under 12 columns rounds differently too), and every
-# logit keeps its bits (the same dot product; checked on heads of 1k-262k rows, 32-896 wide, with
-# and without a bias, under MKL's AVX2 and AVX-512 kernels). On the 262k config (2026-12-04, 2-core EPYC): 7
-# calls of 293 rows took 3.5-3.7 s in blocks of 256-2048 columns, 4.5 s unblocked, and one
-# unblocked 2048-row call (the bare forward's) 4.0 s; on the default head 2 calls took 0.58 s
-# in blocks against 0.63 s unblocked and 0.61 s as one call.
+# logit keeps its bits (the same dot product; checked on heads of 1k-262k rows, 32-896 wide,
+# with and without a bias, under MKL's AVX2 and AVX-512 kernels). On the 262k config
+# (2026-12-04, 2-core EPYC): 7 calls of 293 rows took 3.5-3.7 s in blocks of 256-2048 columns,
+# 4.5 s unblocked, and one unblocked 2048-row call (the bare forward's) 4.0 s; on the default
+# head 2 calls took 0.58 s in blocks against 0.63 s unblocked and 0.61 s as one call.
 _HEAD_BLOCK_BYTES = 2 << 20
 # CausalLM classes of transformers whose logits are exactly lm_head(body(ids).last_hidden_state),
 # then (True) final_logit_softcapping if the config sets it. Any other class, or a subclass that
