@@ -17,8 +17,8 @@ cache-sized blocks of the vocabulary) into one logits buffer reused for every ch
 and every chunk is reduced to top-10 and the target's log-probability before the next is
 made. The logits are bit-identical to the full forward's (same head, same rows, each matmul
 of at least `_MIN_HEAD_ROWS` rows and columns: MKL's small kernels round differently), so
-the metrics are those of `model(input_ids=...)`. Models whose logits are more than head(body) in a way
-not known here fall back to the full forward (`_body_and_head`).
+the metrics are those of `model(input_ids=...)`. Models whose logits are more than
+head(body) in a way not known here fall back to the full forward (`_body_and_head`).
 
 Definitions: docs/method.md, "Evaluation".
 """
