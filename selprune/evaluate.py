@@ -42,17 +42,20 @@ from selprune.vision import evaluate_classes
 METRICS = ("top1", "top10", "top1_skip", "top10_skip", "loss", "perplexity")
 _CHUNK_BYTES = 8 << 20  # on the CPU, float32 logits per chunk of rows (8 MiB: ~40 rows of a 49k vocabulary)
 # float32 logits per LM-head call at most (320 MiB: 320 rows of a 262k vocabulary, so a batch of
-# 8 x 256 rows goes in 7 calls of 292-293; a whole such batch of a 49k one). Fewer rows per call
+# 8 x 256 rows goes in 7 calls of 292-293; on a 49k one `_MAX_HEAD_ROWS` binds first). Fewer rows per call
 # cost speed: every call re-packs the whole head weight. On the 262k config (2026-12-02): the
 # head's matmuls over 8 x 256 rows in calls of 256, 384 and 1024 rows took 1.05x, 1.00x and 0.99x
 # one 2048-row call. With equal calls, evaluation added 0.170 of a bare forward's memory at this
 # budget, 0.191 at 384 MiB (6 calls of 341-342 rows), each at 1.2x the speed of the bare forward,
 # whose fresh 2 GiB of logits took ~2 s of page faults on that host (this buffer is reused).
 _HEAD_BYTES = 320 << 20
-# The most rows in one LM-head call: 1024 rows of a 49k vocabulary are 192 MiB, half of a whole
-# batch's logits, at the same speed (0.99x of one call per batch, measured on the default model);
-# 512 rows cost 7%. This is what keeps the pruning step's peak memory below the reference's.
-_MAX_HEAD_ROWS = 1024
+# The most rows in one LM-head call: 512 rows of a 49k vocabulary are 96 MiB, a quarter of a
+# whole batch's logits. Before the vocabulary blocks below, 512-row calls cost 7% against 1024;
+# with them (2026-12-07, default model, 16 windows, 12 interleaved repeats) evaluation took 1.007x
+# the speed of 1024-row calls, 1.02x at 384, 0.97x at 256 and 0.88x at 128 (every metric the
+# same), and one pruning step's whole-process peak (`bench.py --step-memory`, two fresh runs
+# each) was 1,268-1,277 MiB at 512 rows against 1,368 at 1024 and 1,203-1,205 at 256.
+_MAX_HEAD_ROWS = 512
 # The fewest rows in one LM-head call, unless the batch has fewer: on this MKL (2024.2, AVX-512)
 # a matmul of 1-3, 5-7 or 9-11 rows rounds differently from one of many rows (other kernels).
 _MIN_HEAD_ROWS = 16

@@ -230,13 +230,15 @@ def test_head_calls_go_over_equal_vocabulary_blocks_with_the_same_bits(bias, mon
             assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("knob", ["bytes", "rows"])
 @pytest.mark.parametrize("budget", [16, 17, 40, 320, 1024])
-def test_head_bounds_fewest_equal_calls_within_the_budget(budget, monkeypatch) -> None:
+def test_head_bounds_fewest_equal_calls_within_the_budget(budget, knob, monkeypatch) -> None:
     """Every row in exactly one call; calls of equal size within a row; none over the budget
-    unless keeping every call at 16 rows or more needs it; none under 16 unless the batch is;
-    and no fewer calls would do."""
+    (of logit bytes, or of rows, whichever binds) unless keeping every call at 16 rows or more
+    needs it; none under 16 unless the batch is; and no fewer calls would do."""
     vocab = 1000
-    monkeypatch.setattr(ev, "_HEAD_BYTES", 4 * vocab * budget)
+    monkeypatch.setattr(ev, "_HEAD_BYTES", 4 * vocab * (budget if knob == "bytes" else 10**6))
+    monkeypatch.setattr(ev, "_MAX_HEAD_ROWS", budget if knob == "rows" else 10**6)
     for n in [*range(1, 80), 99, 120, 2048, 2049, 5000]:
         bounds = ev.head_bounds(n, vocab)
         sizes = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
@@ -247,6 +249,18 @@ def test_head_bounds_fewest_equal_calls_within_the_budget(budget, monkeypatch) -
             assert n // (len(sizes) + 1) < 16, (n, sizes)
         if len(sizes) > 1:  # the fewest calls: one fewer would go over the budget
             assert -(-n // (len(sizes) - 1)) > budget, (n, sizes)
+
+
+def test_head_calls_of_a_default_batch_keep_the_pruning_step_small() -> None:
+    """The calls a batch of 8 x 256 rows makes at the shipped budgets: 4 of 512 rows on the
+    default model's 49,152-token vocabulary (a 96 MiB logits buffer, what keeps one pruning
+    step's peak well below the reference library's 1.39 GB), 7 of 292-293 on a 262k one
+    (293 MiB, under a quarter of the bare forward's 2 GiB of logits)."""
+    for vocab, sizes in ((49_152, [512] * 4), (262_144, [292] * 3 + [293] * 4)):
+        bounds = ev.head_bounds(2048, vocab)
+        got = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+        assert sorted(got) == sizes, (vocab, got)
+        assert 4 * vocab * max(got) <= ev._HEAD_BYTES
 
 
 def test_a_hook_on_the_head_still_runs_on_every_chunk() -> None:
