@@ -83,6 +83,9 @@ def test_tiny_benchmark_prints_well_formed_json(tmp_path, real_cache, shared_tin
         assert _positive(step[phase]), (phase, step[phase])
     assert step["total"] >= 0.999 * (step["collect"] + step["eval"])  # the sum of the phases (rounded)
     assert _positive(step["peak_rss_mb"]) and _positive(step["peak_anon_mb"]) and step["peak_rss_mb"] >= step["peak_anon_mb"]
+    # the same step in a fresh child process (--step-memory at this run's settings), beside the reference's figure
+    assert step["fresh_process_peak_rss_mb"] >= step["fresh_process_peak_anon_mb"] > 0
+    assert _positive(step["reference_peak_rss_mb"])
 
     train = result["training"]  # optimizer steps: the relearning loop and gradient ascent against a bare step
     assert (train["steps"], train["batch"], train["window_retrain"], train["window_ga"]) == (4, 2, 64, 64)
